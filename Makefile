@@ -1,0 +1,31 @@
+# Two commands: `make demo` and `make test` (each runs `make setup` first when needed).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+GPU ?= 0
+CONF ?= conf/local.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast benchmarks clean-var
+
+# Re-run setup when the pins or the package definition change; otherwise this is a no-op.
+$(VENV)/.setup-done: setup.py constraints.txt scripts/setup.sh
+	GPU=$(GPU) bash scripts/setup.sh
+
+setup:
+	GPU=$(GPU) bash scripts/setup.sh
+
+demo: $(VENV)/.setup-done
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(CONF)
+
+test: $(VENV)/.setup-done
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.setup-done
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+benchmarks: $(VENV)/.setup-done
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash -c 'for b in benchmarks/*.py; do $(PY) $$b || exit 1; done'
+
+clean-var:
+	rm -rf var

@@ -1,0 +1,1 @@
+"""sparkvision: image classifiers trained and served on Spark."""

@@ -1,0 +1,137 @@
+"""The `sparkvision` command. Each job subcommand calls the same function as its jobs/*.py entry point."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from typing import Callable
+
+from pipelines.config import Config, ConfigError, load_config
+from pipelines.console import emit_result, is_verbose, quiet_libraries
+from pipelines.errors import PipelineError
+
+# Job name -> "module:function(spark, cfg, **options) -> dict". Imported only when run.
+JOBS = {
+    "ingest": "pipelines.ingest.job:run_ingest",
+    "train": "pipelines.train.job:run_train",
+    "evaluate": "pipelines.inference.evaluate:run_evaluate",
+    "infer": "pipelines.inference.job:run_infer",
+    "tune": None,  # not built yet: no issue covers hyper-parameter search so far
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--conf", action="append", default=[], metavar="FILE",
+                   help="config overlay merged over conf/base.yaml (repeatable, later wins)")
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--verbose", action="store_true", help="show library logs and full tracebacks")
+    p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparkvision", description=(
+        "Train and serve image classifiers on Spark: ingest -> Horovod training -> MLflow -> batch inference."))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    helps = {"ingest": "raw images -> validated, versioned Parquet dataset",
+             "train": "Horovod-distributed Keras training, tracked in MLflow",
+             "evaluate": "score a model on the test split; the promotion gate",
+             "infer": "distributed batch inference over a DataFrame",
+             "tune": "hyper-parameter search (not built yet)"}
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text, description=text)
+        _common(p)
+        if name == "train":
+            p.add_argument("--resume", metavar="RUN_ID", help="continue a run from its last completed epoch")
+    wf = sub.add_parser("workflow", help="run or schedule Databricks-format multi-task workflows")
+    wf_sub = wf.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text in {"run": "run a workflow's tasks locally in dependency order",
+                         "schedule": "fire a workflow on its Quartz cron schedule",
+                         "runs": "list recorded workflow runs"}.items():
+        p = wf_sub.add_parser(action, help=text, description=text)
+        if action != "runs":
+            p.add_argument("file", help="workflow definition (Databricks Jobs YAML)")
+        if action == "run":
+            p.add_argument("--from", dest="from_task", metavar="TASK", help="repair: rerun from TASK on the last run")
+        _common(p)
+    cl = sub.add_parser("cluster", help="start/stop a local Spark standalone cluster and MLflow server")
+    cl.add_argument("action", choices=["up", "down", "status"])
+    cl.add_argument("--workers", type=int, default=2)
+    _common(cl)
+    ui = sub.add_parser("ui", help="start the MLflow UI on the configured store (127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000)
+    _common(ui)
+    return parser
+
+
+def _load(path: str) -> Callable:
+    module, func = path.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _run_job(name: str, cfg: Config, args: argparse.Namespace) -> int:
+    target = JOBS[name]
+    if target is None:
+        print(f"sparkvision {name}: not built yet", file=sys.stderr)
+        return 3
+    job = _load(target)
+    from pipelines.spark import get_spark
+
+    spark = get_spark(cfg)
+    options = {"resume": args.resume} if name == "train" else {}
+    result = job(spark, cfg, **options)
+    emit_result(result)
+    return 0
+
+
+def _run_other(args: argparse.Namespace, cfg: Config) -> int:
+    if args.command == "ui":
+        from pipelines.tracking import tracking_uri
+        import subprocess
+
+        uri = tracking_uri(cfg)
+        print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C stops it", file=sys.stderr)
+        return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                                "--host", "127.0.0.1", "--port", str(args.port)])
+    if args.command == "workflow":
+        return _load("pipelines.workflow.cli:workflow_command")(args, cfg)
+    if args.command == "cluster":
+        return _load("pipelines.workflow.cluster:cluster_command")(args, cfg)
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_libraries(args.verbose)
+    try:
+        cfg = load_config(args.conf, args.overrides)
+        if args.print_config:
+            from pipelines.tracking import dump_yaml
+
+            print(dump_yaml(cfg.to_dict()), end="")
+            return 0
+        if args.command in JOBS:
+            return _run_job(args.command, cfg, args)
+        return _run_other(args, cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except PipelineError as exc:
+        if is_verbose():
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # anything unexpected: one line by default, the traceback with --verbose
+        if is_verbose():
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: {type(exc).__name__}: {first} (rerun with --verbose for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

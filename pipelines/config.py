@@ -1,0 +1,358 @@
+"""Typed configuration: conf/base.yaml, then overlay files, then `--set key.path=value`, validated once.
+
+Every error names the key and the file (or `--set`) it came from; nothing else in the package reads YAML.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+BASE_FILE = CONF_DIR / "base.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the CLI prints it as one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    datasets_root: str
+    checkpoints_root: str
+    runs_root: str
+    predictions_root: str
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: str
+    app_name: str
+    driver_memory: str
+    executor_memory: str
+    shuffle_partitions: int
+    arrow_batch_size: int
+    extra_conf: dict[str, str]
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str
+    artifact_location: Optional[str]
+    experiment: str
+    registered_model: str
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    type: Literal["idx", "folder", "table"]
+    path: str
+    path_column: str
+    label_column: str
+    label_names: Optional[list[str]]
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    height: int
+    width: int
+    channels: Literal[1, 3]
+    resize_policy: Literal["resize", "pad", "center_crop"]
+    background: list[int]
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    validation: float
+    test: float
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    name: str
+    source: SourceConfig
+    image: ImageConfig
+    max_pixels: int
+    split: SplitConfig
+    balance: Literal["none", "oversample"]
+    row_group_rows: int
+    files_per_split: int
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: Optional[str]
+    model: Literal["mnist_cnn", "lenet5", "small_resnet"]
+    activation: Literal["relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid"]
+    dropout: float
+    l2: float
+    width: float
+    num_proc: int
+    epochs: int
+    batch_size: int
+    optimizer: Literal["sgd", "momentum", "nesterov", "adam", "adadelta", "rmsprop", "adagrad"]
+    learning_rate: float
+    scale_lr: bool
+    momentum: float
+    schedule: Literal["constant", "plateau", "cosine"]
+    warmup_epochs: int
+    early_stopping_patience: int
+    class_weights: bool
+    augment: bool
+    shuffle_buffer: int
+    seed: int
+    mixed_precision: Literal["auto", "on", "off"]
+    timeout_s: int
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model_uri: Optional[str]
+    split: Literal["train", "validation", "test"]
+    top_k: int
+    threshold: float
+    misclassified_examples: int
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    model_uri: Optional[str]
+    input_type: Literal["dataset", "files", "table"]
+    input: Optional[str]
+    image_column: str
+    key_columns: list[str]
+    output: Optional[str]
+    partition_by: list[str]
+    batch_size: int
+    top_k: int
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    trials: int
+    metric: str
+    space: dict[str, list[Any]]
+
+
+@dataclass(frozen=True)
+class WorkflowConfig:
+    spark_submit: str
+    poll_seconds: float
+
+
+@dataclass(frozen=True)
+class Config:
+    paths: Paths
+    spark: SparkConfig
+    mlflow: MlflowConfig
+    ingest: IngestConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    infer: InferConfig
+    tune: TuneConfig
+    workflow: WorkflowConfig
+    sources: tuple[str, ...] = field(default=(), compare=False)  # files merged, for messages and logging
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective config as plain data (what --print-config shows and MLflow records)."""
+        data = dataclasses.asdict(self)
+        data.pop("sources")
+        return data
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def _merge(base: dict, overlay: dict, origin: dict[str, str], source: str, prefix: str = "") -> None:
+    """Merge `overlay` into `base` in place; record which source set each leaf key."""
+    for key, value in overlay.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"{source}: unknown key '{dotted}'")
+        if isinstance(base[key], dict) and isinstance(value, dict) and not _is_free_mapping(dotted):
+            _merge(base[key], value, origin, source, dotted + ".")
+        else:
+            base[key] = copy.deepcopy(value)
+            origin[dotted] = source
+
+
+def _is_free_mapping(dotted: str) -> bool:
+    """Mappings whose keys are the user's (Spark conf, tuning space), not ours."""
+    return dotted in {"spark.extra_conf", "tune.space"}
+
+
+def _origins(data: dict, source: str, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        out[dotted] = source
+        if isinstance(value, dict) and not _is_free_mapping(dotted):
+            out.update(_origins(value, source, dotted + "."))
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value parsed as YAML, so 3 is int, true is bool, [a, b] is a list)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Load base.yaml, merge `files` in order, apply `overrides`, and validate into a Config."""
+    data = _read_yaml(BASE_FILE)
+    origin = _origins(data, str(BASE_FILE))
+    sources = [str(BASE_FILE)]
+    for f in files:
+        path = Path(f)
+        if path.resolve() == BASE_FILE:
+            continue
+        _merge(data, _read_yaml(path), origin, str(path))
+        sources.append(str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(data, _nest(key, value), origin, "--set")
+    cfg = _build(Config, data, origin, "", tuple(sources))
+    _check_ranges(cfg, origin)
+    return cfg
+
+
+def _check_ranges(cfg: Config, origin: dict[str, str]) -> None:
+    """Value checks a type cannot express; each names the key and where it was set."""
+    checks = [
+        ("ingest.image.height", cfg.ingest.image.height >= 8, "at least 8"),
+        ("ingest.image.width", cfg.ingest.image.width >= 8, "at least 8"),
+        ("ingest.image.background", len(cfg.ingest.image.background) == 3
+         and all(0 <= v <= 255 for v in cfg.ingest.image.background), "three values in 0..255"),
+        ("ingest.max_pixels", cfg.ingest.max_pixels > 0, "positive"),
+        ("ingest.split.validation", 0 <= cfg.ingest.split.validation < 1, "in [0, 1)"),
+        ("ingest.split.test", 0 <= cfg.ingest.split.test < 1, "in [0, 1)"),
+        ("ingest.split.test", cfg.ingest.split.validation + cfg.ingest.split.test < 1,
+         "such that validation + test < 1"),
+        ("ingest.row_group_rows", cfg.ingest.row_group_rows >= 1, "at least 1"),
+        ("ingest.files_per_split", cfg.ingest.files_per_split >= 1, "at least 1"),
+        ("train.num_proc", cfg.train.num_proc >= 1, "at least 1"),
+        ("train.epochs", cfg.train.epochs >= 1, "at least 1"),
+        ("train.batch_size", cfg.train.batch_size >= 1, "at least 1"),
+        ("train.learning_rate", cfg.train.learning_rate > 0, "positive"),
+        ("train.dropout", 0 <= cfg.train.dropout < 1, "in [0, 1)"),
+        ("train.width", cfg.train.width > 0, "positive"),
+        ("evaluate.threshold", 0 <= cfg.evaluate.threshold <= 1, "in [0, 1]"),
+        ("evaluate.top_k", cfg.evaluate.top_k >= 1, "at least 1"),
+        ("infer.top_k", cfg.infer.top_k >= 1, "at least 1"),
+        ("infer.batch_size", cfg.infer.batch_size >= 1, "at least 1"),
+    ]
+    for key, ok, what in checks:
+        if not ok:
+            raise ConfigError(f"{origin.get(key, str(BASE_FILE))}: '{key}' must be {what}")
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+def _build(cls: type, data: Any, origin: dict[str, str], prefix: str, sources: tuple = ()):
+    hints = typing.get_type_hints(cls)
+    where = origin.get(prefix.rstrip("."), str(BASE_FILE)) if prefix else str(BASE_FILE)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.')}' must be a mapping")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "sources":
+            continue
+        dotted = f"{prefix}{f.name}"
+        if f.name not in data:
+            raise ConfigError(f"{where}: missing required key '{dotted}'")
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], dotted, origin)
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        key = f"{prefix}{sorted(unknown)[0]}"
+        raise ConfigError(f"{origin.get(key, where)}: unknown key '{key}'")
+    if cls is Config:
+        kwargs["sources"] = sources
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, dotted: str, origin: dict[str, str]) -> Any:
+    src = origin.get(dotted, str(BASE_FILE))
+    fail = lambda what: ConfigError(f"{src}: '{dotted}' must be {what}, got {value!r}")  # noqa: E731
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, origin, dotted + ".")
+    o = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if o in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, dotted, origin)
+    if o is Literal:
+        if value not in args:
+            raise fail("one of " + ", ".join(map(str, args)))
+        return value
+    if o is list:
+        if not isinstance(value, list):
+            raise fail("a list")
+        return [_coerce(args[0], v, f"{dotted}[{i}]", origin | {f"{dotted}[{i}]": src}) for i, v in enumerate(value)]
+    if o is dict:
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        return {str(k): (str(v) if args[1] is str else v) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise fail("a string")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} for {dotted}")
+
+
+def resolve_path(path: str) -> Path:
+    """A config path as an absolute local path (relative paths are relative to the working directory)."""
+    return Path(path).expanduser().resolve()
+
+
+def dataset_ref(cfg: Config) -> str:
+    """The dataset training reads: train.dataset or the ingest job's dataset name."""
+    return cfg.train.dataset or cfg.ingest.name

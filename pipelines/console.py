@@ -1,0 +1,57 @@
+"""What the user sees: one line per stage, library noise hidden unless --verbose, a JSON result last."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from typing import Any, Iterator
+
+_VERBOSE = False
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Silence TensorFlow's C++ logs, pyarrow FutureWarnings from petastorm and chatty loggers.
+
+    Must run before TensorFlow is imported; TF_USE_LEGACY_KERAS is set here too so Horovod sees Keras 2.
+    """
+    global _VERBOSE
+    _VERBOSE = verbose
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
+    os.environ.setdefault("SPARKVISION_VERBOSE", "1" if verbose else "0")
+    if not verbose:
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+        warnings.filterwarnings("ignore")
+        for name in ("py4j", "pyspark", "mlflow", "petastorm", "horovod", "tensorflow", "absl", "alembic", "urllib3"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def is_verbose() -> bool:
+    return _VERBOSE
+
+
+def say(stage: str, message: str) -> None:
+    """One readable line on stderr, so stdout's last line stays the JSON result."""
+    print(f"[{stage}] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def step(stage: str, what: str) -> Iterator[dict[str, Any]]:
+    """Time a step and print `[stage] what ... (12.3s)`; the yielded dict's 'note' is appended."""
+    info: dict[str, Any] = {}
+    start = time.perf_counter()
+    yield info
+    took = time.perf_counter() - start
+    note = f": {info['note']}" if info.get("note") else ""
+    say(stage, f"{what}{note} ({took:.1f}s)")
+
+
+def emit_result(result: dict[str, Any]) -> None:
+    """The job's last stdout line: one JSON object with its outputs, for workflows and scripts."""
+    print(json.dumps(result, default=str, sort_keys=True), flush=True)

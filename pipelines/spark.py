@@ -1,0 +1,56 @@
+"""The one place a SparkSession is built from config."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+
+from pipelines.config import Config, resolve_path
+
+# Environment every executor (and every Horovod worker it starts) needs before TensorFlow is imported.
+EXECUTOR_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
+
+
+def spark_conf(cfg: Config) -> dict[str, str]:
+    """Spark settings derived from config: memory, Arrow, petastorm's cache, executor environment."""
+    cache_dir = resolve_path(cfg.paths.datasets_root).parent / "petastorm-cache"
+    conf = {
+        "spark.driver.memory": cfg.spark.driver_memory,
+        "spark.executor.memory": cfg.spark.executor_memory,
+        "spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions),
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.spark.arrow_batch_size),
+        "spark.ui.showConsoleProgress": "false",
+        "spark.ui.enabled": "false" if cfg.spark.master.startswith("local") else "true",
+        "spark.driver.bindAddress": "127.0.0.1" if cfg.spark.master.startswith("local") else "0.0.0.0",
+        "petastorm.spark.converter.parentCacheDirUrl": cache_dir.as_uri(),
+        # The executors run the interpreter the job runs in (the project's venv), unless told otherwise.
+        "spark.pyspark.python": os.environ.get("PYSPARK_PYTHON", sys.executable),
+    }
+    if cfg.spark.master.startswith("local"):
+        conf["spark.driver.host"] = "127.0.0.1"
+    for key, value in EXECUTOR_ENV.items():
+        conf[f"spark.executorEnv.{key}"] = value
+    conf["spark.executorEnv.SPARKVISION_VERBOSE"] = os.environ.get("SPARKVISION_VERBOSE", "0")
+    conf.update(cfg.spark.extra_conf)
+    return conf
+
+
+def get_spark(cfg: Config) -> SparkSession:
+    """The job's SparkSession: an active one (spark-submit, Databricks) gets our settings where it still can."""
+    for key, value in EXECUTOR_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(cfg.spark.app_name)
+    if cfg.spark.master != "databricks" and "SPARK_SUBMIT_MASTER" not in os.environ:
+        builder = builder.master(cfg.spark.master)
+    for key, value in spark_conf(cfg).items():
+        builder = builder.config(key, value)
+    quiet_log4j = Path(__file__).with_name("log4j2.properties")
+    if os.environ.get("SPARKVISION_VERBOSE", "0") != "1":
+        builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j.configurationFile={quiet_log4j.as_uri()}")
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark

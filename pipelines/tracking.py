@@ -1,0 +1,119 @@
+"""MLflow helpers shared by the stages: tracking store, experiment, run lifecycle, config and figures."""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from pipelines.config import Config, resolve_path
+
+
+def tracking_uri(cfg: Config) -> str:
+    """The tracking URI with a relative sqlite path made absolute (workers may run elsewhere)."""
+    uri = cfg.mlflow.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        db = resolve_path(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{db}"
+    return uri
+
+
+def configure(cfg: Config) -> str:
+    """Point MLflow at the configured store and experiment; return the experiment id."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is not None:
+        exp_id = exp.experiment_id
+    else:
+        location = None
+        if cfg.mlflow.artifact_location and not uri.startswith(("http", "databricks")):
+            location = resolve_path(cfg.mlflow.artifact_location).as_uri()
+        try:
+            exp_id = client.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+        except Exception:  # created concurrently by another job
+            exp_id = client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}, for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def log_config(cfg: Config, sections: tuple[str, ...]) -> None:
+    """The effective config: the given sections as params, all of it as config.yaml."""
+    import mlflow
+
+    data = cfg.to_dict()
+    params = flatten({s: data[s] for s in sections})
+    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+    mlflow.log_dict(data, "config.yaml")
+
+
+def git_commit() -> str:
+    """The checkout's commit, or 'unknown' outside git."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def run(cfg: Config, name: str, run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """An MLflow run that ends FINISHED, or FAILED with the error recorded, whatever goes wrong."""
+    import mlflow
+
+    configure(cfg)
+    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else name)
+    try:
+        mlflow.set_tags({"git_commit": git_commit(), "sparkvision.stage": name, **(tags or {})})
+        yield active
+    except BaseException as exc:
+        mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def log_figure_png(fig: Any, artifact_file: str) -> None:
+    """Save a matplotlib figure as a PNG artifact and close it."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+    plt.close(fig)
+
+
+def ui_command(cfg: Config) -> str:
+    """The command that opens the MLflow UI on this store."""
+    uri = tracking_uri(cfg)
+    if uri.startswith("http"):
+        return f"open {uri}"
+    return f"sparkvision ui --conf {cfg.sources[-1]}" if len(cfg.sources) > 1 else "sparkvision ui"
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,35 @@
+"""sparkvision: Spark ingest -> petastorm -> Horovod/Keras training -> MLflow -> batch inference."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def pinned(*names: str) -> list[str]:
+    """The `name==version` lines of constraints.txt (the one place versions are pinned) for `names`."""
+    pins = {}
+    for line in (HERE / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            pins[line.split("==")[0].lower()] = line
+    return [pins[n] for n in names]
+
+
+setup(
+    name="sparkvision",
+    version="0.1.0",
+    description="Train and serve image classifiers on Spark: ingest to Parquet, Horovod training, MLflow, batch inference",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["pipelines", "pipelines.*"]),
+    package_data={"pipelines": ["conf/*.yaml"]},
+    include_package_data=True,
+    install_requires=pinned(
+        "pyspark", "pyarrow", "numpy", "pandas", "tensorflow", "tf-keras", "horovod",
+        "petastorm", "mlflow", "databricks-bundles", "pillow", "pyyaml", "croniter", "matplotlib",
+    ),
+    extras_require={"dev": pinned("pytest", "pytest-timeout", "scikit-image", "scikit-learn")},
+    entry_points={"console_scripts": ["sparkvision=pipelines.cli:main"]},
+)

@@ -1,0 +1,41 @@
+"""Shared fixtures: a real local SparkSession and a config rooted in a temporary folder."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+from pipelines.config import Config, load_config  # noqa: E402
+
+
+def make_config(tmp_path, *overrides: str) -> Config:
+    """A config whose every output lives under tmp_path."""
+    base = [
+        f"paths.datasets_root={tmp_path}/datasets",
+        f"paths.checkpoints_root={tmp_path}/checkpoints",
+        f"paths.runs_root={tmp_path}/runs",
+        f"paths.predictions_root={tmp_path}/predictions",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"mlflow.artifact_location={tmp_path}/mlartifacts",
+        "spark.shuffle_partitions=4",
+    ]
+    return load_config([], [*base, *overrides])
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    """One real local[2] SparkSession for the whole test session."""
+    from pipelines.spark import get_spark
+
+    cfg = make_config(tmp_path_factory.mktemp("spark"))
+    session = get_spark(cfg)
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    return lambda *overrides: make_config(tmp_path, *overrides)
