@@ -15,7 +15,6 @@ EXECUTOR_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHON
 
 def spark_conf(cfg: Config) -> dict[str, str]:
     """Spark settings derived from config: memory, Arrow, petastorm's cache, executor environment."""
-    cache_dir = resolve_path(cfg.paths.datasets_root).parent / "petastorm-cache"
     conf = {
         "spark.driver.memory": cfg.spark.driver_memory,
         "spark.executor.memory": cfg.spark.executor_memory,
@@ -25,7 +24,6 @@ def spark_conf(cfg: Config) -> dict[str, str]:
         "spark.ui.showConsoleProgress": "false",
         "spark.ui.enabled": "false" if cfg.spark.master.startswith("local") else "true",
         "spark.driver.bindAddress": "127.0.0.1" if cfg.spark.master.startswith("local") else "0.0.0.0",
-        "petastorm.spark.converter.parentCacheDirUrl": cache_dir.as_uri(),
         # The executors run the interpreter the job runs in (the project's venv), unless told otherwise.
         "spark.pyspark.python": os.environ.get("PYSPARK_PYTHON", sys.executable),
     }
@@ -52,5 +50,9 @@ def get_spark(cfg: Config) -> SparkSession:
     if os.environ.get("SPARKVISION_VERBOSE", "0") != "1":
         builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j.configurationFile={quiet_log4j.as_uri()}")
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
+    # petastorm reads its cache location from the session conf (not a Spark key: set after start).
+    cache_dir = resolve_path(cfg.paths.datasets_root).parent / "petastorm-cache"
+    spark.conf.set("petastorm.spark.converter.parentCacheDirUrl", cache_dir.as_uri())
+    # WARN with --verbose; errors only by default, so a run prints one line per stage.
+    spark.sparkContext.setLogLevel("WARN" if os.environ.get("SPARKVISION_VERBOSE") == "1" else "ERROR")
     return spark

@@ -1,0 +1,1 @@
+"""Ingest: sources (idx, folder, table) -> validate -> dedupe/split/balance -> publish."""

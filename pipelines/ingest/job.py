@@ -1,0 +1,186 @@
+"""`sparkvision ingest`: raw images -> validated, normalized, versioned Parquet dataset."""
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipelines.config import Config
+from pipelines.console import say, step
+from pipelines.dataset.contract import SPLIT_COLUMNS, SPLITS, latest_version, read_manifest, dataset_root
+from pipelines.errors import PipelineError
+from pipelines.images import ImageSpec
+from pipelines.ingest import prepare, sources
+from pipelines.ingest.publish import Staging, parquet_row_groups
+from pipelines.ingest.validate import decode_candidates
+
+ROW_OVERHEAD_BYTES = 120  # id, label, paths and hash next to the pixels, for sizing row groups
+
+
+def image_spec(cfg: Config) -> ImageSpec:
+    im = cfg.ingest.image
+    return ImageSpec(im.height, im.width, im.channels, im.resize_policy, tuple(im.background), cfg.ingest.max_pixels)
+
+
+def read_source(spark: SparkSession, cfg: Config) -> sources.Candidates:
+    src = cfg.ingest.source
+    if src.type == "idx":
+        return sources.idx_source(spark, src.path, src.label_names, max(2, cfg.spark.shuffle_partitions))
+    # Photos are large: keep Arrow batches small so a batch of raw files fits in an executor's memory.
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(min(cfg.spark.arrow_batch_size, 64)))
+    if src.type == "folder":
+        return sources.folder_source(spark, src.path)
+    return sources.table_source(spark, src.path, src.path_column, src.label_column)
+
+
+def content_digest(splits: DataFrame, spec: ImageSpec, label_names: list[str]) -> str:
+    """Order-independent digest of (id, content, label, split) for every row, plus shape and labels."""
+    h = F.sha2(F.concat_ws("|", "id", "content_hash", "label_name", "split"), 256)
+    parts = [F.sum(F.conv(F.substring(h, 1 + 12 * i, 12), 16, 10).cast("decimal(38,0)")).alias(f"p{i}") for i in range(4)]
+    row = splits.agg(F.count(F.lit(1)).alias("n"), *parts).first()
+    text = f"{row['n']}|{'|'.join(str(row[f'p{i}']) for i in range(4))}|{spec.shape}|{','.join(label_names)}"
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
+    """Read the configured source, validate and normalize on the executors, publish a new dataset version."""
+    started = time.perf_counter()
+    spec = image_spec(cfg)
+    ic = cfg.ingest
+    with step("ingest", f"listing {ic.source.type} source {ic.source.path}") as s:
+        cand = read_source(spark, cfg)
+        s["note"] = f"skipped {sum(cand.skipped.values())} non-image files" if cand.skipped else ""
+
+    allowed = ic.source.label_names if ic.source.type != "idx" else None
+    with step("ingest", "decoding and validating on the executors") as s:
+        decoded = prepare.mark_unknown_labels(decode_candidates(cand.rows, spec), allowed)
+        decoded = decoded.persist(StorageLevel.MEMORY_AND_DISK)
+        seen = decoded.count()
+        if seen == 0:
+            raise PipelineError(f"no image files found in {ic.source.path}")
+        valid = decoded.where(F.col("reason").isNull())
+        invalid = decoded.where(F.col("reason").isNotNull())
+        dd = prepare.dedupe(valid)
+        unique = dd.unique.withColumn("id", F.substring("content_hash", 1, 32)).persist(StorageLevel.MEMORY_AND_DISK)
+        n_unique = unique.count()
+        if n_unique == 0:
+            reasons = {r["reason"]: r["count"] for r in decoded.groupBy("reason").count().collect()}
+            raise PipelineError(f"no valid image among the {seen} files in {ic.source.path} (quarantine reasons: {reasons})")
+        s["note"] = f"{seen} images seen, {n_unique} unique and valid"
+
+    present = sorted(r["label"] for r in unique.select("label").distinct().collect())
+    label_names = [n for n in (ic.source.label_names or present) if n in present] if ic.source.type == "idx" else \
+        [n for n in (allowed or present) if n in present]
+    label_ids = {name: i for i, name in enumerate(label_names)}
+    id_map = F.create_map(*[x for name, i in label_ids.items() for x in (F.lit(name), F.lit(i))])
+
+    with step("ingest", "splitting, balancing and computing statistics") as s:
+        assigned = (prepare.assign_splits(unique, ic.split.validation, ic.split.test)
+                    .withColumn("label_name", F.col("label"))
+                    .withColumn("label", id_map.getItem(F.col("label_name")).cast("int"))
+                    .withColumnRenamed("path", "source_path")
+                    .persist(StorageLevel.MEMORY_AND_DISK))
+        per_class = {(r["split"], r["label_name"]): int(r["count"])
+                     for r in assigned.groupBy("split", "label_name").count().collect()}
+        train_counts = {name: per_class.get(("train", name), 0) for name in label_names}
+        if sum(train_counts.values()) == 0:
+            raise PipelineError("the training split is empty: lower ingest.split.validation / ingest.split.test")
+        weights = prepare.class_weights(train_counts, label_ids)
+        train = assigned.where(F.col("split") == "train")
+        mean, std = prepare.channel_stats(train, spec.height * spec.width, spec.channels)
+        if ic.balance == "oversample":
+            train = prepare.oversample(train, {k: v for k, v in train_counts.items() if v})
+        s["note"] = "mean " + ", ".join(f"{m:.4f}" for m in mean) + " std " + ", ".join(f"{v:.4f}" for v in std)
+
+    staging = Staging(cfg.paths.datasets_root, ic.name)
+    try:
+        with step("ingest", f"writing Parquet to {staging.path.parent}") as s:
+            row_group_bytes = ic.row_group_rows * (spec.nbytes + ROW_OVERHEAD_BYTES)
+            for split in SPLITS:
+                df = train if split == "train" else assigned.where(F.col("split") == split)
+                staging.write(df.select(*SPLIT_COLUMNS).sortWithinPartitions("id"), split,
+                              ic.files_per_split, row_group_bytes)
+            quarantine = invalid.select("path", "label", "reason", "detail", "content_hash").unionByName(
+                dd.conflicts.select("path", "label", "reason", "detail", "content_hash"))
+            staging.write(quarantine, "quarantine", 1)
+            staging.write(dd.duplicates, "duplicates", 1)
+        with step("ingest", "verifying the staged version") as s:
+            manifest = verify_and_describe(spark, cfg, staging, spec, seen, cand, label_names, train_counts,
+                                           per_class, weights, mean, std)
+            s["note"] = (f"{manifest['counts']['rows']} rows + {manifest['counts']['quarantined']} quarantined + "
+                         f"{manifest['counts']['duplicates_dropped']} duplicates = {seen} seen")
+        previous = latest_version(cfg.paths.datasets_root, ic.name)
+        if previous and read_manifest(dataset_root(cfg.paths.datasets_root, ic.name) / previous).digest == manifest["content_digest"]:
+            staging.discard()
+            version, unchanged = previous, True
+        else:
+            staging.write_manifest(manifest)
+            version, unchanged = staging.publish(), False
+    except BaseException:
+        staging.discard()
+        raise
+    finally:
+        for df in (decoded, unique, assigned):
+            df.unpersist()
+
+    path = dataset_root(cfg.paths.datasets_root, ic.name) / version
+    took = time.perf_counter() - started
+    say("ingest", f"{'unchanged, still' if unchanged else 'published'} {ic.name}/{version} at {path} "
+                  f"(train {manifest['counts']['splits']['train']}, validation {manifest['counts']['splits']['validation']}, "
+                  f"test {manifest['counts']['splits']['test']}, quarantined {manifest['counts']['quarantined']}) in {took:.1f}s")
+    return {"stage": "ingest", "dataset": f"{ic.name}/{version}", "name": ic.name, "version": version,
+            "path": str(path), "unchanged": unchanged, "content_digest": manifest["content_digest"],
+            "counts": manifest["counts"], "seconds": round(took, 1)}
+
+
+def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec: ImageSpec, seen: int,
+                        cand: sources.Candidates, label_names: list[str], train_counts: dict[str, int],
+                        per_class: dict[tuple[str, str], int], weights: dict[int, float],
+                        mean: list[float], std: list[float]) -> dict[str, Any]:
+    """Read the staged output back, check `rows + quarantined + duplicates == seen`, build the manifest."""
+    written = {split: spark.read.parquet(staging.url(split)) for split in SPLITS}
+    split_counts = {split: written[split].count() for split in SPLITS}
+    originals = written["train"].where(~F.col("id").contains("~")).count()
+    rows = originals + split_counts["validation"] + split_counts["test"]
+    quarantine = spark.read.parquet(staging.url("quarantine"))
+    quarantined = quarantine.count()
+    duplicates = spark.read.parquet(staging.url("duplicates")).count()
+    if rows + quarantined + duplicates != seen:
+        raise PipelineError(f"count invariant broken: {rows} rows + {quarantined} quarantined + {duplicates} "
+                            f"duplicates != {seen} image files seen; nothing was published")
+    reasons = {r["reason"]: int(r["count"]) for r in quarantine.groupBy("reason").count().collect()}
+    union = None
+    for split in SPLITS:
+        part = written[split].withColumn("split", F.lit(split))
+        union = part if union is None else union.unionByName(part)
+    row_groups = {split: parquet_row_groups(staging.path / split) for split in SPLITS}
+    return {
+        "name": cfg.ingest.name,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "schema": {"id": "string", "image": f"binary: uint8 pixels, row-major {spec.height}x{spec.width}x{spec.channels}",
+                   "label": "int32", "label_name": "string", "source_path": "string", "content_hash": "string (sha256 of the source bytes)"},
+        "image": {"shape": list(spec.shape), "height": spec.height, "width": spec.width, "channels": spec.channels,
+                  "dtype": "uint8", "resize_policy": spec.resize_policy, "background": list(spec.background)},
+        "labels": {"names": label_names, "ids": {n: i for i, n in enumerate(label_names)}},
+        "counts": {
+            "seen": seen, "rows": rows, "quarantined": quarantined, "duplicates_dropped": duplicates,
+            "skipped": cand.skipped, "quarantine_reasons": reasons,
+            "splits": split_counts,
+            "train_before_balance": sum(train_counts.values()),
+            "per_class": {split: {n: per_class.get((split, n), 0) for n in label_names} for split in SPLITS},
+        },
+        "stats": {"mean": mean, "std": std, "computed_on": "train split before balancing, pixels scaled to [0,1]"},
+        "class_weights": {str(k): v for k, v in weights.items()},
+        "balance": cfg.ingest.balance,
+        "source": cand.description,
+        "config": cfg.to_dict()["ingest"],
+        "content_digest": content_digest(union, spec, label_names),
+        "parquet": {"row_group_rows_target": cfg.ingest.row_group_rows,
+                    "row_groups": {s: len(g) for s, g in row_groups.items()},
+                    "max_row_group_rows": {s: max(g, default=0) for s, g in row_groups.items()}},
+    }

@@ -1,0 +1,113 @@
+"""DataFrame transforms after decoding: labels, duplicates, splits, class balance and pixel statistics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from pipelines.images import LABEL_CONFLICT, UNKNOWN_LABEL
+
+
+@dataclass(frozen=True)
+class Deduped:
+    unique: DataFrame        # valid rows, one per content
+    conflicts: DataFrame     # same content under different labels: every copy, reason label_conflict
+    duplicates: DataFrame    # extra copies under the same label: path, kept_path, content_hash, label
+
+
+def mark_unknown_labels(decoded: DataFrame, allowed: list[str] | None) -> DataFrame:
+    """Valid rows without a label (or outside the allow-list) get reason unknown_label."""
+    bad = F.col("label").isNull() | (F.col("label") == "")
+    if allowed:
+        bad = bad | ~F.col("label").isin(*allowed)
+    detail = F.when(F.col("label").isNull(), F.lit("no label folder")).otherwise(
+        F.concat(F.lit("label '"), F.col("label"), F.lit("' is not in ingest.source.label_names")))
+    is_valid = F.col("reason").isNull()
+    return (decoded
+            .withColumn("detail", F.when(is_valid & bad, detail).otherwise(F.col("detail")))
+            .withColumn("reason", F.when(is_valid & bad, F.lit(UNKNOWN_LABEL)).otherwise(F.col("reason"))))
+
+
+def dedupe(valid: DataFrame) -> Deduped:
+    """Identical content under one label is kept once (a source's own test copy first); under two labels it
+    is a label_conflict and every copy is quarantined."""
+    by_hash = Window.partitionBy("content_hash")
+    ranked = (valid
+              .withColumn("_labels", F.size(F.collect_set("label").over(by_hash)))
+              .withColumn("_rank", F.row_number().over(by_hash.orderBy(
+                  F.when(F.col("source_split") == "test", 0).otherwise(1), "path")))
+              .withColumn("_kept_path", F.first("path").over(by_hash.orderBy(
+                  F.when(F.col("source_split") == "test", 0).otherwise(1), "path"))))
+    conflicts = (ranked.where(F.col("_labels") > 1)
+                 .withColumn("reason", F.lit(LABEL_CONFLICT))
+                 .withColumn("detail", F.lit("the same content appears under different labels")))
+    clean = ranked.where(F.col("_labels") == 1)
+    unique = clean.where(F.col("_rank") == 1).drop("_labels", "_rank", "_kept_path")
+    duplicates = (clean.where(F.col("_rank") > 1)
+                  .select("path", F.col("_kept_path").alias("kept_path"), "content_hash", "label"))
+    return Deduped(unique, conflicts.drop("_labels", "_rank", "_kept_path"), duplicates)
+
+
+def assign_splits(unique: DataFrame, validation: float, test: float) -> DataFrame:
+    """Deterministic, class-stratified split from the content hash.
+
+    Within each class rows are ordered by content hash; the first `test` fraction is test, the next
+    `validation` fraction validation. Rows a source marked as its own test set stay test, and then the
+    `test` fraction is not taken from the rest.
+    """
+    own_test = F.col("source_split") == "test"
+    pool = unique.where(~own_test | F.col("source_split").isNull())
+    has_own_test = unique.where(own_test).limit(1).count() > 0
+    test_frac = 0.0 if has_own_test else test
+    w = Window.partitionBy("label").orderBy("content_hash")
+    ranked = pool.withColumn("_q", F.percent_rank().over(w))
+    split = (F.when(F.col("_q") < F.lit(test_frac), "test")
+             .when(F.col("_q") < F.lit(test_frac + validation), "validation")
+             .otherwise("train"))
+    assigned = ranked.withColumn("split", split).drop("_q")
+    if has_own_test:
+        assigned = assigned.unionByName(unique.where(own_test).withColumn("split", F.lit("test")))
+    return assigned
+
+
+def class_counts(df: DataFrame) -> dict[str, int]:
+    """label -> row count (metadata only)."""
+    return {r["label"]: int(r["count"]) for r in df.groupBy("label").count().collect()}
+
+
+def class_weights(counts: dict[str, int], label_ids: dict[str, int]) -> dict[int, float]:
+    """Balanced weights n / (k * n_c): the usual loss weighting for imbalanced classes."""
+    total, k = sum(counts.values()), len(label_ids)
+    return {label_ids[name]: (total / (k * counts[name]) if counts.get(name) else 0.0) for name in label_ids}
+
+
+def oversample(train: DataFrame, counts: dict[str, int]) -> DataFrame:
+    """Repeat minority-class rows (keyed by `label_name`) until every class has about as many rows as the largest.
+
+    Copy j of a row gets id '<id>~<j>'; which rows get the one extra copy is decided by content hash,
+    so the result is deterministic.
+    """
+    target = max(counts.values())
+    factor = F.create_map(*[x for name, n in counts.items() for x in (F.lit(name), F.lit(target / n))])
+    f = factor.getItem(F.col("label_name"))
+    frac = F.conv(F.substring("content_hash", 1, 8), 16, 10).cast("double") / F.lit(float(16 ** 8))
+    copies = (F.floor(f) + F.when(frac < (f - F.floor(f)), 1).otherwise(0)).cast("int")
+    out = train.withColumn("_copy", F.explode(F.sequence(F.lit(0), copies - 1)))
+    return (out.withColumn("id", F.when(F.col("_copy") == 0, F.col("id"))
+                           .otherwise(F.concat(F.col("id"), F.lit("~"), F.col("_copy").cast("string"))))
+            .drop("_copy"))
+
+
+def channel_stats(train: DataFrame, pixels_per_image: int, channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of pixels scaled to [0, 1], summed on the executors."""
+    aggs = []
+    for c in range(channels):
+        aggs += [F.sum(F.col("pixel_sum").getItem(c)).alias(f"s{c}"), F.sum(F.col("pixel_sumsq").getItem(c)).alias(f"q{c}")]
+    row = train.agg(F.count(F.lit(1)).alias("n"), *aggs).first()
+    n = row["n"] * pixels_per_image
+    if not n:
+        return [0.0] * channels, [1.0] * channels
+    means = [row[f"s{c}"] / n for c in range(channels)]
+    stds = [max(row[f"q{c}"] / n - means[c] ** 2, 0.0) ** 0.5 for c in range(channels)]
+    return means, stds

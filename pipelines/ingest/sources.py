@@ -1,0 +1,249 @@
+"""Sources: each returns a DataFrame of candidate images, one row per image file (or IDX record).
+
+Columns: path (string), label (string or null), source_split (string: 'test' when the source brings its own
+test set, else null), content (binary: the file's bytes, or raw pixels for IDX), raw_height / raw_width
+(int: set only when content is already raw grayscale pixels). Pixels stay on the executors.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from pipelines.errors import PipelineError
+from pipelines.images import IMAGE_EXTENSIONS, skip_reason
+
+RAW_SCHEMA = T.StructType([
+    T.StructField("path", T.StringType()),
+    T.StructField("label", T.StringType()),
+    T.StructField("source_split", T.StringType()),
+    T.StructField("content", T.BinaryType()),
+    T.StructField("raw_height", T.IntegerType()),
+    T.StructField("raw_width", T.IntegerType()),
+])
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What a source found: the candidate rows plus files listed but skipped (hidden, other extensions)."""
+
+    rows: DataFrame
+    skipped: dict[str, int]
+    description: dict[str, object]
+
+
+# ------------------------------------------------------------------------------------------------ IDX
+
+IDX_IMAGES_MAGIC = 0x00000803
+IDX_LABELS_MAGIC = 0x00000801
+IDX_PAIRS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+@dataclass(frozen=True)
+class IdxFile:
+    path: str
+    count: int
+    dims: tuple[int, ...]
+    header_bytes: int
+
+
+def _open_idx(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _uncompressed_size(path: str) -> int:
+    """Payload size without decompressing: gzip's ISIZE trailer (mod 2^32, fine for IDX files)."""
+    if not path.endswith(".gz"):
+        return os.path.getsize(path)
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", fh.read(4))[0]
+
+
+def read_idx_header(path: str, magic: int) -> IdxFile:
+    """Validate an IDX file's header against its size; raise a clear error for wrong or truncated files."""
+    try:
+        with _open_idx(path) as fh:
+            head = fh.read(4)
+            if len(head) < 4:
+                raise PipelineError(f"{path}: too short to be an IDX file")
+            found = struct.unpack(">I", head)[0]
+            if found != magic:
+                raise PipelineError(f"{path}: wrong IDX magic number 0x{found:08x} (expected 0x{magic:08x})")
+            ndim = magic & 0xFF
+            dims = struct.unpack(f">{ndim}I", fh.read(4 * ndim))
+    except (OSError, EOFError, struct.error) as exc:
+        raise PipelineError(f"{path}: unreadable IDX file ({exc})") from None
+    header = 4 + 4 * ndim
+    expected = header + int(pd.Series(dims).prod())
+    actual = _uncompressed_size(path)
+    if actual < expected:
+        raise PipelineError(f"{path}: truncated IDX file: {actual} bytes, header promises {expected}")
+    return IdxFile(path, dims[0], tuple(dims[1:]), header)
+
+
+def _find(folder: Path, stem: str) -> str:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return str(folder / name)
+    raise PipelineError(f"IDX source {folder}: missing {stem}[.gz]")
+
+
+_IDX_CACHE: dict[str, bytes] = {}
+
+
+def _idx_payload(path: str) -> bytes:
+    """The whole decompressed IDX file, once per Python worker."""
+    if path not in _IDX_CACHE:
+        _IDX_CACHE.clear()
+        with _open_idx(path) as fh:
+            _IDX_CACHE[path] = fh.read()
+    return _IDX_CACHE[path]
+
+
+def idx_source(spark: SparkSession, folder: str, label_names: list[str] | None, partitions: int) -> Candidates:
+    """MNIST-format IDX files: train-* (and t10k-* as the source's own test set)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise PipelineError(f"IDX source folder not found: {folder}")
+    frames = []
+    description: dict[str, object] = {"type": "idx", "path": str(root.resolve()), "files": {}}
+    for split, (img_stem, lbl_stem) in IDX_PAIRS.items():
+        if split == "test" and not any((root / (img_stem + s)).exists() for s in ("", ".gz")):
+            continue
+        images = read_idx_header(_find(root, img_stem), IDX_IMAGES_MAGIC)
+        labels = read_idx_header(_find(root, lbl_stem), IDX_LABELS_MAGIC)
+        if images.count != labels.count:
+            raise PipelineError(f"{images.path} has {images.count} images but {labels.path} has {labels.count} labels")
+        if len(images.dims) != 2:
+            raise PipelineError(f"{images.path}: expected 2-D images, found dims {images.dims}")
+        description["files"][split] = [images.path, labels.path]  # type: ignore[index]
+        frames.append(_idx_rows(spark, images, labels, "test" if split == "test" else None, label_names, partitions))
+    rows = frames[0] if len(frames) == 1 else frames[0].unionByName(frames[1])
+    return Candidates(rows, {}, description)
+
+
+def _idx_rows(spark: SparkSession, images: IdxFile, labels: IdxFile, source_split: str | None,
+              label_names: list[str] | None, partitions: int) -> DataFrame:
+    height, width = images.dims
+    size = height * width
+    img_name = os.path.basename(images.path)
+    names = list(label_names or [])
+
+    def read_slices(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for batch in batches:
+            idx = batch["id"].to_numpy()
+            pix = _idx_payload(images.path)
+            lab = _idx_payload(labels.path)
+            contents = [pix[images.header_bytes + i * size: images.header_bytes + (i + 1) * size] for i in idx]
+            ids = [lab[labels.header_bytes + i] for i in idx]
+            yield pd.DataFrame({
+                "path": [f"{img_name}#{i}" for i in idx],
+                "label": [names[k] if k < len(names) else str(k) for k in ids],
+                "source_split": source_split,
+                "content": contents,
+                "raw_height": height,
+                "raw_width": width,
+            })
+
+    return spark.range(0, images.count, numPartitions=partitions).mapInPandas(read_slices, RAW_SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------- folder
+
+def _qualified(spark: SparkSession, path: str) -> str:
+    """The path as Hadoop writes it in binaryFile's `path` column (e.g. file:/data/x)."""
+    jvm = spark._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(path)
+    fs = hpath.getFileSystem(spark._jsc.hadoopConfiguration())
+    return fs.makeQualified(hpath).toString().rstrip("/")
+
+
+def walk_local(root: str) -> tuple[int, list[str]]:
+    """Hidden files under a local root (Spark never lists them) and empty image files (Spark's file scan
+    drops zero-length files): both are counted here so that nothing is lost silently."""
+    local = root[len("file:"):] if root.startswith("file:") else root
+    if "://" in local or not os.path.isdir(local):
+        return 0, []
+    hidden, empty = 0, []
+    for dirpath, _dirnames, filenames in os.walk(local):
+        rel = os.path.relpath(dirpath, local)
+        in_hidden_dir = any(p.startswith((".", "_")) for p in Path(rel).parts if p != ".")
+        for f in filenames:
+            reason = "hidden" if in_hidden_dir else skip_reason(f)
+            if reason == "hidden":
+                hidden += 1
+            elif reason is None and os.path.getsize(os.path.join(dirpath, f)) == 0:
+                empty.append(os.path.join(os.path.abspath(dirpath), f))
+    return hidden, empty
+
+
+def folder_source(spark: SparkSession, root: str) -> Candidates:
+    """ROOT/<label>/**/<file>: the label is the first folder under ROOT; binaryFile reads recursively."""
+    if "://" not in root and not os.path.isdir(root):
+        raise PipelineError(f"image folder not found: {root}")
+    prefix = _qualified(spark, root)
+    listed = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
+    hidden, empty = walk_local(root)
+    if empty:  # paths only (no pixels): zero-length files, to be quarantined as empty_file
+        listed = listed.unionByName(spark.createDataFrame(
+            [(f"file:{p}", None, len(b""), bytearray()) for p in empty],
+            "path string, modificationTime timestamp, length long, content binary"))
+    ext = F.lower(F.regexp_extract("path", r"(\.[^./]+)$", 1))
+    is_image = ext.isin(*sorted(IMAGE_EXTENSIONS))
+    not_images = listed.select("path").where(~is_image).count()
+    rel = F.expr(f"substring(path, {len(prefix) + 2})")
+    parts = F.split(rel, "/")
+    rows = (listed.where(is_image)
+            .select(
+                F.col("path"),
+                F.when(F.size(parts) > 1, parts.getItem(0)).alias("label"),
+                F.lit(None).cast("string").alias("source_split"),
+                F.col("content"),
+                F.lit(None).cast("int").alias("raw_height"),
+                F.lit(None).cast("int").alias("raw_width")))
+    skipped = {"hidden": hidden, "not_image_extension": not_images}
+    return Candidates(rows, skipped, {"type": "folder", "path": prefix})
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+def table_source(spark: SparkSession, path: str, path_column: str, label_column: str) -> Candidates:
+    """A Parquet table or CSV manifest listing image file paths and labels; files are read on executors."""
+    if path.lower().endswith(".csv"):
+        table = spark.read.option("header", "true").csv(path)
+    else:
+        table = spark.read.parquet(path)
+    missing = [c for c in (path_column, label_column) if c not in table.columns]
+    if missing:
+        raise PipelineError(f"table {path} has no column {missing[0]!r} (columns: {', '.join(table.columns)})")
+
+    def read_files(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for batch in batches:
+            contents = []
+            for p in batch["path"]:
+                local = p[len("file:"):] if isinstance(p, str) and p.startswith("file:") else p
+                try:
+                    with open(local, "rb") as fh:
+                        contents.append(fh.read())
+                except (OSError, TypeError):
+                    contents.append(None)  # quarantined later as missing_file
+            batch["content"] = contents
+            batch["source_split"] = None
+            batch["raw_height"] = None
+            batch["raw_width"] = None
+            yield batch[["path", "label", "source_split", "content", "raw_height", "raw_width"]]
+
+    listed = table.select(F.col(path_column).cast("string").alias("path"),
+                          F.col(label_column).cast("string").alias("label"))
+    rows = listed.mapInPandas(read_files, RAW_SCHEMA)
+    return Candidates(rows, {}, {"type": "table", "path": path})

@@ -1,0 +1,164 @@
+"""The ingest job on a real local SparkSession: folder and IDX sources, invariants, publish, petastorm."""
+import json
+
+import numpy as np
+import pytest
+
+from pipelines.dataset.contract import SPLITS, latest_version, resolve_dataset
+from pipelines.errors import PipelineError
+from pipelines.ingest import job as ingest_job
+from pipelines.ingest.job import run_ingest
+from tests.fixtures import build_image_tree, write_idx_slice
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos") / "images"
+    return root, build_image_tree(root)
+
+
+def folder_cfg(cfg_factory, root, *extra):
+    return cfg_factory(
+        "ingest.name=photos", "ingest.source.type=folder", f"ingest.source.path={root}",
+        "ingest.source.label_names=null", "ingest.image.height=32", "ingest.image.width=32",
+        "ingest.image.channels=3", "ingest.max_pixels=4000000", "ingest.split.validation=0.2",
+        "ingest.split.test=0.2", "ingest.files_per_split=1", *extra)
+
+
+def test_folder_ingest_accounts_for_every_file(spark, cfg_factory, tree):
+    root, expected = tree
+    out = run_ingest(spark, folder_cfg(cfg_factory, root))
+    counts = out["counts"]
+    seen = counts["seen"]
+    assert counts["rows"] + counts["quarantined"] + counts["duplicates_dropped"] == seen
+    assert counts["rows"] == expected["good"]
+    assert counts["duplicates_dropped"] == expected["duplicates"]
+    for reason in ("label_conflict", "empty_file", "truncated", "not_an_image", "too_many_pixels", "unknown_label"):
+        assert counts["quarantine_reasons"].get(reason) == expected[reason], reason
+    assert counts["skipped"] == {"hidden": expected["hidden"], "not_image_extension": expected["not_image_extension"]}
+
+    ds = resolve_dataset(out["path"].rsplit("/", 2)[0], "photos")
+    manifest = ds.manifest()
+    assert manifest.label_names == ["cat", "coffee", "space"]
+    assert manifest.shape == (32, 32, 3)
+    q = spark.read.parquet(ds.split_path("quarantine").as_uri())
+    assert set(q.columns) >= {"path", "reason", "detail"}
+    # every good image is readable pixels of the canonical shape (checked on executors: length only)
+    for split in SPLITS:
+        lengths = {r[0] for r in spark.read.parquet(ds.split_path(split).as_uri()).selectExpr("length(image)").distinct().collect()}
+        assert lengths <= {32 * 32 * 3}
+    non_ascii = spark.read.parquet(*[ds.split_path(s).as_uri() for s in SPLITS]).where("source_path like '%chïnä temple ✓.jpg'").count()
+    assert non_ascii == 1
+
+
+def test_ingest_is_idempotent_and_keeps_splits_stable(spark, cfg_factory, tree):
+    root, _ = tree
+    cfg = folder_cfg(cfg_factory, root)
+    first = run_ingest(spark, cfg)
+    second = run_ingest(spark, cfg)
+    assert second["content_digest"] == first["content_digest"]
+    assert second["unchanged"] and second["version"] == first["version"]
+
+
+def test_failed_publish_leaves_previous_version_untouched(spark, cfg_factory, tree, monkeypatch):
+    root, _ = tree
+    cfg = folder_cfg(cfg_factory, root)
+    first = run_ingest(spark, cfg)
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash while verifying")
+
+    monkeypatch.setattr(ingest_job, "verify_and_describe", boom)
+    changed = folder_cfg(cfg_factory, root, "ingest.image.height=16")  # would be a new version
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_ingest(spark, changed)
+    name_dir = cfg.paths.datasets_root + "/photos"
+    import os
+
+    assert latest_version(cfg.paths.datasets_root, "photos") == first["version"]
+    assert sorted(os.listdir(name_dir)) == ["LATEST", first["version"]]  # no partial version, no staging left
+
+
+def test_oversample_balances_training_split_only(spark, cfg_factory, tree):
+    root, _ = tree
+    out = run_ingest(spark, folder_cfg(cfg_factory, root, "ingest.name=balanced", "ingest.balance=oversample"))
+    per_class = out["counts"]["per_class"]
+    ds = resolve_dataset(out["path"].rsplit("/", 2)[0], "balanced")
+    train = spark.read.parquet(ds.split_path("train").as_uri())
+    by_label = {r["label_name"]: r["count"] for r in train.groupBy("label_name").count().collect()}
+    target = max(per_class["train"].values())
+    assert all(abs(n - target) <= 1 for n in by_label.values()), by_label
+    assert out["counts"]["splits"]["validation"] == sum(per_class["validation"].values())
+    weights = ds.manifest().class_weights
+    assert len(weights) == 3 and all(w > 0 for w in weights.values())
+
+
+def test_idx_slice_keeps_its_own_test_set_and_petastorm_reads_every_split(spark, cfg_factory, tmp_path):
+    src = write_idx_slice(tmp_path / "idx", train=3000, test=500)
+    out = run_ingest(spark, cfg_factory(f"ingest.source.path={src}", "ingest.row_group_rows=200"))
+    splits = out["counts"]["splits"]
+    assert splits["test"] == 500 - out["counts"]["quarantined"] or splits["test"] <= 500
+    assert splits["train"] + splits["validation"] + splits["test"] == out["counts"]["rows"]
+    assert abs(splits["validation"] - 0.1 * (out["counts"]["rows"] - splits["test"])) < 15  # stratified 10%
+    ds = resolve_dataset(out["path"].rsplit("/", 2)[0], "fashion_mnist")
+    manifest = ds.manifest()
+    assert manifest.data["parquet"]["row_groups"]["train"] >= 8  # many row groups to shard
+    assert 0.2 < manifest.mean[0] < 0.4
+
+    from petastorm import make_batch_reader
+
+    for split in SPLITS:
+        rows = 0
+        with make_batch_reader(ds.split_path(split).as_uri(), num_epochs=1, schema_fields=["image", "label"]) as reader:
+            for batch in reader:
+                pixels = np.frombuffer(batch.image[0], dtype=np.uint8)
+                assert pixels.shape == (784,)
+                rows += len(batch.label)
+        assert rows == splits[split]
+
+
+def test_bad_idx_files_are_clear_errors(spark, cfg_factory, tmp_path):
+    src = write_idx_slice(tmp_path / "idx", train=100, test=10)
+    import gzip
+    import struct
+
+    with gzip.open(src / "train-labels-idx1-ubyte.gz", "wb") as fh:  # count mismatch
+        fh.write(struct.pack(">II", 0x801, 99) + bytes(99))
+    with pytest.raises(PipelineError, match="has 100 images but .* has 99 labels"):
+        run_ingest(spark, cfg_factory(f"ingest.source.path={src}"))
+    with gzip.open(src / "train-labels-idx1-ubyte.gz", "wb") as fh:  # wrong magic
+        fh.write(struct.pack(">II", 0x803, 100) + bytes(100))
+    with pytest.raises(PipelineError, match="wrong IDX magic number"):
+        run_ingest(spark, cfg_factory(f"ingest.source.path={src}"))
+    with gzip.open(src / "train-labels-idx1-ubyte.gz", "wb") as fh:  # truncated
+        fh.write(struct.pack(">II", 0x801, 100) + bytes(50))
+    with pytest.raises(PipelineError, match="truncated IDX file"):
+        run_ingest(spark, cfg_factory(f"ingest.source.path={src}"))
+
+
+def test_missing_or_all_bad_input_fails_clearly(spark, cfg_factory, tmp_path):
+    with pytest.raises(PipelineError, match="image folder not found"):
+        run_ingest(spark, folder_cfg(cfg_factory, tmp_path / "nope"))
+    bad = tmp_path / "bad" / "label"
+    bad.mkdir(parents=True)
+    (bad / "a.jpg").write_bytes(b"")
+    (bad / "b.png").write_bytes(b"garbage" * 10)
+    with pytest.raises(PipelineError, match="no valid image among the 2 files"):
+        run_ingest(spark, folder_cfg(cfg_factory, tmp_path / "bad"))
+    assert latest_version(cfg_factory().paths.datasets_root, "photos") is None
+
+
+def test_table_source_reads_a_csv_manifest(spark, cfg_factory, tree, tmp_path):
+    root, _ = tree
+    csv = tmp_path / "manifest.csv"
+    csv.write_text("file,kind\n" + f"{root}/cat/baseline.jpg,cat\n{root}/coffee/rgb.png,coffee\n"
+                   f"{root}/space/astronaut.bmp,space\n{root}/missing.jpg,cat\n")
+    out = run_ingest(spark, cfg_factory(
+        "ingest.name=tabled", "ingest.source.type=table", f"ingest.source.path={csv}",
+        "ingest.source.path_column=file", "ingest.source.label_column=kind", "ingest.source.label_names=null",
+        "ingest.image.height=16", "ingest.image.width=16", "ingest.split.validation=0", "ingest.split.test=0"))
+    assert out["counts"]["rows"] == 3
+    assert out["counts"]["quarantine_reasons"] == {"missing_file": 1}
+    assert json.loads(json.dumps(out))["version"] == "v0001"
