@@ -30,6 +30,21 @@ def quiet_libraries(verbose: bool) -> None:
         for name in ("py4j", "pyspark", "mlflow", "petastorm", "horovod", "tensorflow", "absl", "alembic", "urllib3"):
             logging.getLogger(name).setLevel(logging.ERROR)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+
+
+@contextlib.contextmanager
+def hush() -> Iterator[None]:
+    """Swallow what libraries print straight to stdout/stderr (progress bars, 'Created version ...'),
+    unless --verbose."""
+    if _VERBOSE:
+        yield
+        return
+    import io
+
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
 
 
 def is_verbose() -> bool:

@@ -1,0 +1,2 @@
+"""Keras model builders. Every model takes raw uint8 pixels: scaling and standardization are layers inside it."""
+from pipelines.models.builders import MODELS, ModelOptions, build_model  # noqa: F401

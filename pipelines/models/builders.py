@@ -1,0 +1,112 @@
+"""Keras (tf-keras, Keras 2) image classifiers: the classic MNIST CNN, LeNet-5 and a small ResNet.
+
+Each model's input is the dataset's canonical uint8 H x W x C pixels; the first layers scale them to [0, 1]
+and standardize with the dataset's per-channel mean and std (from the manifest), so the saved model needs no
+outside preprocessing. The output is class probabilities in float32 (also under mixed precision).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import tf_keras as keras  # noqa: E402
+from tf_keras import layers  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    activation: str = "relu"
+    dropout: float = 0.25
+    l2: float = 0.0
+    width: float = 1.0
+
+
+def _act(name: str) -> layers.Layer:
+    return layers.LeakyReLU(0.1) if name == "leaky_relu" else layers.Activation(name)
+
+
+def _init(activation: str) -> str:
+    """He init for the ReLU family, LeCun for SELU (self-normalizing), Glorot for the saturating ones."""
+    return {"selu": "lecun_normal", "tanh": "glorot_uniform", "sigmoid": "glorot_uniform"}.get(activation, "he_normal")
+
+
+def _reg(opts: ModelOptions):
+    return keras.regularizers.l2(opts.l2) if opts.l2 > 0 else None
+
+
+def _conv(x, filters: int, kernel: int, opts: ModelOptions, **kw):
+    x = layers.Conv2D(filters, kernel, kernel_initializer=_init(opts.activation), kernel_regularizer=_reg(opts), **kw)(x)
+    return x
+
+
+def _dense(x, units: int, opts: ModelOptions):
+    return layers.Dense(units, kernel_initializer=_init(opts.activation), kernel_regularizer=_reg(opts))(x)
+
+
+def _w(n: int, opts: ModelOptions) -> int:
+    return max(1, int(round(n * opts.width)))
+
+
+def mnist_cnn(x, opts: ModelOptions):
+    """The classic Keras MNIST CNN: Conv32-Conv64-MaxPool-Dropout-Dense128-Dropout."""
+    x = _act(opts.activation)(_conv(x, _w(32, opts), 3, opts))
+    x = _act(opts.activation)(_conv(x, _w(64, opts), 3, opts))
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Dropout(opts.dropout)(x)
+    x = layers.Flatten()(x)
+    x = _act(opts.activation)(_dense(x, _w(128, opts), opts))
+    return layers.Dropout(min(2 * opts.dropout, 0.9))(x)
+
+
+def lenet5(x, opts: ModelOptions):
+    """LeNet-5 (LeCun 1998) with max pooling: Conv6-Pool-Conv16-Pool-Dense120-Dense84."""
+    x = _act(opts.activation)(_conv(x, _w(6, opts), 5, opts, padding="same"))
+    x = layers.MaxPooling2D(2)(x)
+    x = _act(opts.activation)(_conv(x, _w(16, opts), 5, opts))
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    x = _act(opts.activation)(_dense(x, _w(120, opts), opts))
+    x = layers.Dropout(opts.dropout)(x)
+    return _act(opts.activation)(_dense(x, _w(84, opts), opts))
+
+
+def _residual(x, filters: int, stride: int, opts: ModelOptions):
+    shortcut = x
+    y = _conv(x, filters, 3, opts, strides=stride, padding="same", use_bias=False)
+    y = _act(opts.activation)(layers.BatchNormalization()(y))
+    y = _conv(y, filters, 3, opts, padding="same", use_bias=False)
+    y = layers.BatchNormalization()(y)
+    if stride != 1 or shortcut.shape[-1] != filters:
+        shortcut = layers.BatchNormalization()(_conv(x, filters, 1, opts, strides=stride, use_bias=False))
+    return _act(opts.activation)(layers.Add()([y, shortcut]))
+
+
+def small_resnet(x, opts: ModelOptions):
+    """A small ResNet: stem, three stages of two residual blocks (32, 64, 128 filters), global pooling."""
+    x = _conv(x, _w(32, opts), 3, opts, padding="same", use_bias=False)
+    x = _act(opts.activation)(layers.BatchNormalization()(x))
+    for i, filters in enumerate((32, 64, 128)):
+        x = _residual(x, _w(filters, opts), 1 if i == 0 else 2, opts)
+        x = _residual(x, _w(filters, opts), 1, opts)
+    x = layers.GlobalAveragePooling2D()(x)
+    return layers.Dropout(opts.dropout)(x)
+
+
+MODELS: dict[str, Callable] = {"mnist_cnn": mnist_cnn, "lenet5": lenet5, "small_resnet": small_resnet}
+
+
+def build_model(name: str, shape: tuple[int, int, int], num_classes: int, mean: list[float], std: list[float],
+                opts: ModelOptions = ModelOptions()) -> keras.Model:
+    """A model from the registry: uint8 pixels in, float32 class probabilities out."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r} (choose from {', '.join(MODELS)})")
+    inputs = keras.Input(shape=shape, dtype="uint8", name="image")
+    x = layers.Rescaling(1.0 / 255.0, name="scale")(inputs)  # casts uint8 to the compute dtype
+    x = layers.Normalization(mean=mean, variance=[max(s, 1e-3) ** 2 for s in std], name="standardize")(x)
+    features = MODELS[name](x, opts)
+    logits = layers.Dense(num_classes, name="logits")(features)
+    probs = layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
+    return keras.Model(inputs, probs, name=name)

@@ -1,0 +1,208 @@
+"""`sparkvision train`: the driver side. Owns the MLflow run, launches Horovod workers on Spark executors with
+horovod.spark.run, checks they finished in sync, then logs and registers the model."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pyspark.sql import SparkSession
+
+from pipelines import tracking
+from pipelines.config import Config, dataset_ref, resolve_path
+from pipelines.console import hush, is_verbose, say
+from pipelines.dataset.contract import DatasetVersion, Manifest, resolve_dataset
+from pipelines.errors import PipelineError
+from pipelines.train.worker import EPOCH_MARK, WorkerSpec, read_state, steps_per_epoch, train_worker
+
+
+class WorkerOutput(io.TextIOBase):
+    """Where Horovod forwards the workers' stdout/stderr: epoch lines become one readable line each,
+    everything else goes to the run's log file (and to the terminal with --verbose)."""
+
+    def __init__(self, log_path: Path, total_epochs: int):
+        self.log = open(log_path, "a", buffering=1)
+        self.total_epochs = total_epochs
+        self._buf = ""
+
+    def write(self, text: str) -> int:
+        self._buf += text
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            self._line(line)
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        self.log.write(line + "\n")
+        if EPOCH_MARK in line:
+            m = json.loads(line.split(EPOCH_MARK, 1)[1])
+            val = (f", val_loss {m['val_loss']:.4f}, val_acc {m['val_accuracy']:.4f}" if "val_loss" in m else "")
+            say("train", f"epoch {m['epoch'] + 1}/{self.total_epochs}: loss {m['loss']:.4f}, acc {m['accuracy']:.4f}"
+                         f"{val}, lr {m['lr']:.2e}, {m['images_per_second']:.0f} img/s, "
+                         f"input wait {100 * m['input_wait_fraction']:.1f}%, {m['epoch_seconds']:.1f}s")
+        elif is_verbose():
+            print(line, file=sys.stderr)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+
+def _check_shardable(ds: DatasetVersion, manifest: Manifest, workers: int) -> None:
+    groups = manifest.data.get("parquet", {}).get("row_groups", {})
+    for split in ("train", "validation"):
+        n = groups.get(split)
+        if manifest.count(split) and n is not None and n < workers:
+            raise PipelineError(f"{ds.ref} {split} has {n} Parquet row groups, fewer than train.num_proc={workers}: "
+                                f"re-ingest with a smaller ingest.row_group_rows")
+    if manifest.count("train") == 0:
+        raise PipelineError(f"{ds.ref} has an empty training split")
+
+
+def worker_spec(cfg: Config, ds: DatasetVersion, manifest: Manifest, run_id: str, start_epoch: int,
+                history: list) -> WorkerSpec:
+    t = cfg.train
+    weights = manifest.class_weights
+    return WorkerSpec(
+        train_url=ds.split_path("train").as_uri(),
+        validation_url=ds.split_path("validation").as_uri() if manifest.count("validation") else None,
+        train_rows=manifest.count("train"), shape=manifest.shape, num_classes=manifest.num_classes,
+        mean=manifest.mean, std=manifest.std, model=t.model,
+        model_options={"activation": t.activation, "dropout": t.dropout, "l2": t.l2, "width": t.width},
+        optimizer=t.optimizer, learning_rate=t.learning_rate, scale_lr=t.scale_lr, momentum=t.momentum,
+        schedule=t.schedule, warmup_epochs=t.warmup_epochs, epochs=t.epochs, batch_size=t.batch_size,
+        early_stopping_patience=t.early_stopping_patience,
+        class_weights=tuple(weights[i] for i in range(manifest.num_classes)) if t.class_weights else (),
+        augment=t.augment, shuffle_buffer=t.shuffle_buffer, seed=t.seed, mixed_precision=t.mixed_precision,
+        checkpoint_dir=str(resolve_path(cfg.paths.checkpoints_root) / run_id),
+        tracking_uri=tracking.tracking_uri(cfg), run_id=run_id, start_epoch=start_epoch, history=history)
+
+
+def _log_dataset(ds: DatasetVersion, manifest: Manifest) -> None:
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.http_dataset_source import HTTPDatasetSource  # noqa: F401  (registers sources)
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    source = resolve_dataset_source(ds.path.as_uri())
+    dataset = MetaDataset(source=source, name=ds.ref, digest=manifest.digest.split(":")[-1][:36])
+    counts = manifest.data["counts"]["splits"]
+    mlflow.log_input(dataset, context="training",
+                     tags={"train_rows": str(counts["train"]), "validation_rows": str(counts["validation"]),
+                           "test_rows": str(counts["test"]), "shape": "x".join(map(str, manifest.shape))})
+
+
+def _learning_curve(history: list[dict[str, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [h["loss"] for h in history], "o-", label="train")
+    b.plot(epochs, [h["accuracy"] for h in history], "o-", label="train")
+    if all("val_loss" in h for h in history):
+        a.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+        b.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="validation")
+    a.set(title="loss", xlabel="epoch")
+    b.set(title="accuracy", xlabel="epoch")
+    a.legend(), b.legend()
+    tracking.log_figure_png(fig, "learning_curve.png")
+
+
+def _log_model(cfg: Config, model_path: str, manifest: Manifest) -> tuple[str, str]:
+    """Log rank 0's model with signature and input example; register it. Returns (model URI, version)."""
+    import mlflow
+    import numpy as np
+    import tf_keras as keras
+    from mlflow.models import infer_signature
+
+    model = keras.models.load_model(model_path)
+    example = np.zeros((1, *manifest.shape), dtype=np.uint8)  # shape and dtype only: no pixels on the driver
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    with hush():
+        info = mlflow.tensorflow.log_model(model, name="model", signature=signature, input_example=example,
+                                           metadata={"label_names": manifest.label_names, "shape": list(manifest.shape)})
+        version = mlflow.register_model(info.model_uri, cfg.mlflow.registered_model,
+                                        tags={"run_id": mlflow.active_run().info.run_id})
+    return f"runs:/{mlflow.active_run().info.run_id}/model", str(version.version)
+
+
+def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
+              worker_fn: Callable[[WorkerSpec], dict] = train_worker) -> dict[str, Any]:
+    """Train on the configured dataset with train.num_proc Horovod workers; return run id, model URI, version."""
+    import horovod.spark
+
+    started = time.perf_counter()
+    ds = resolve_dataset(cfg.paths.datasets_root, dataset_ref(cfg))
+    manifest = ds.manifest()
+    t = cfg.train
+    _check_shardable(ds, manifest, t.num_proc)
+    tracking.configure(cfg)
+    if resume:
+        import mlflow
+
+        try:
+            mlflow.get_run(resume)
+        except Exception:
+            raise PipelineError(f"--resume {resume}: no such MLflow run in {tracking.tracking_uri(cfg)}") from None
+    tags = {"num_workers": str(t.num_proc), "spark_master": spark.sparkContext.master, "dataset": ds.ref}
+    with tracking.run(cfg, "train", run_id=resume, tags=tags) as active:
+        import mlflow
+
+        run_id = active.info.run_id
+        ckpt_dir = resolve_path(cfg.paths.checkpoints_root) / run_id
+        state = read_state(ckpt_dir) if resume else None
+        if resume and state is None:
+            raise PipelineError(f"--resume {resume}: no completed epoch checkpoint under {ckpt_dir}")
+        start_epoch = state["epoch"] if state else 0
+        if not resume:
+            tracking.log_config(cfg, ("train", "spark"))
+            mlflow.log_params({"dataset": ds.ref, "global_batch_size": t.batch_size * t.num_proc,
+                               "steps_per_epoch": steps_per_epoch(manifest.count("train"), t.batch_size, t.num_proc)})
+            _log_dataset(ds, manifest)
+        if start_epoch >= t.epochs:
+            raise PipelineError(f"--resume {resume}: already trained {start_epoch} epochs (train.epochs={t.epochs})")
+        spec = worker_spec(cfg, ds, manifest, run_id, start_epoch, state["history"] if state else [])
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        out = WorkerOutput(ckpt_dir / "workers.log", t.epochs)
+        say("train", f"{'resuming' if resume else 'starting'} run {run_id}: {t.model} on {ds.ref}, "
+                     f"{t.num_proc} Horovod worker(s), epochs {start_epoch + 1}..{t.epochs}, "
+                     f"batch {t.batch_size}/worker, {t.optimizer} lr {t.learning_rate:g}")
+        env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONWARNINGS": "ignore",
+               "TF_CPP_MIN_LOG_LEVEL": "0" if is_verbose() else "3", "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg)}
+        spark.sparkContext.setJobDescription("sparkvision train (horovod)")
+        try:
+            results = horovod.spark.run(worker_fn, args=(spec,), num_proc=t.num_proc, env=env, stdout=out,
+                                        stderr=out, verbose=2 if is_verbose() else 0,
+                                        start_timeout=min(t.timeout_s, 600), use_gloo=True)
+        except Exception as exc:
+            out.flush()
+            raise PipelineError(f"training failed on a Horovod worker ({type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+                                f"worker log: {ckpt_dir / 'workers.log'}") from exc
+        finally:
+            out.flush()
+        digests = {r["weights_digest"] for r in results}
+        steps = {r["steps"] for r in results}
+        if len(digests) != 1 or len(steps) != 1:
+            raise PipelineError(f"workers finished out of sync: weight digests {digests}, steps {steps}")
+        chief = results[0]
+        history = chief["history"]
+        mlflow.set_tags({"weights_in_sync": "true", "mixed_precision": str(chief["mixed_precision"]).lower()})
+        final = history[-1]
+        mlflow.log_metrics({f"final_{k}": v for k, v in final.items() if k != "epoch"})
+        _learning_curve(history)
+        model_uri, version = _log_model(cfg, chief["model_path"], manifest)
+    took = time.perf_counter() - started
+    val = f", val_accuracy {final['val_accuracy']:.4f}" if "val_accuracy" in final else ""
+    say("train", f"run {run_id} finished in {took:.0f}s{val}; registered {cfg.mlflow.registered_model} "
+                 f"version {version}; UI: {tracking.ui_command(cfg)}")
+    return {"stage": "train", "run_id": run_id, "model_uri": model_uri, "registered_model": cfg.mlflow.registered_model,
+            "version": version, "dataset": ds.ref, "epochs_run": len(history), "workers": len(results),
+            "steps_per_worker": chief["steps"], "metrics": {k: v for k, v in final.items() if k != "epoch"},
+            "seconds": round(took, 1)}

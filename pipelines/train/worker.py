@@ -1,0 +1,244 @@
+"""The training loop each Horovod worker runs inside a Spark task. Lines marked `# Horovod:` are what
+distribution adds to an ordinary single-process Keras loop."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+EPOCH_MARK = "SPARKVISION_EPOCH "
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, pickled to the executors (no Spark, no config files there)."""
+
+    train_url: str
+    validation_url: str | None
+    train_rows: int
+    shape: tuple[int, int, int]
+    num_classes: int
+    mean: list[float]
+    std: list[float]
+    model: str
+    model_options: dict[str, Any]
+    optimizer: str
+    learning_rate: float
+    scale_lr: bool
+    momentum: float
+    schedule: str
+    warmup_epochs: int
+    epochs: int
+    batch_size: int
+    early_stopping_patience: int
+    class_weights: tuple[float, ...]
+    augment: bool
+    shuffle_buffer: int
+    seed: int
+    mixed_precision: str
+    checkpoint_dir: str
+    tracking_uri: str
+    run_id: str
+    start_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def steps_per_epoch(train_rows: int, batch_size: int, workers: int) -> int:
+    """The same number of steps on every worker, from the manifest: one pass over the data in global batches."""
+    return max(1, train_rows // (batch_size * workers))
+
+
+def weights_digest(model) -> str:
+    """A digest of every weight, to prove all ranks hold the same model."""
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(w.tobytes())
+    return h.hexdigest()
+
+
+def _setup_devices(tf, hvd, mixed_precision: str) -> bool:
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        # Horovod: pin one GPU per worker, chosen by the worker's rank on this machine.
+        tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
+        tf.config.experimental.set_memory_growth(gpus[hvd.local_rank() % len(gpus)], True)
+    else:
+        # Horovod: workers sharing one machine split its cores instead of each grabbing all of them.
+        cores = os.cpu_count() or 1
+        tf.config.threading.set_intra_op_parallelism_threads(max(1, cores // hvd.local_size()))
+        tf.config.threading.set_inter_op_parallelism_threads(2)
+    use_mp = mixed_precision == "on" or (mixed_precision == "auto" and bool(gpus))
+    if use_mp:
+        import tf_keras as keras
+
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    return use_mp
+
+
+def _save_checkpoint(ckpt, directory: Path, state: dict[str, Any]) -> None:
+    """Model + optimizer state, then the JSON that marks the epoch complete (written last, atomically)."""
+    ckpt.write(str(directory / "ckpt"))
+    tmp = directory / "state.json.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, directory / "state.json")
+
+
+def read_state(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def train_worker(spec: WorkerSpec) -> dict[str, Any]:
+    """One Horovod worker: build, (restore,) train for the remaining epochs, return what the driver checks."""
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import horovod.tensorflow as hvd_tf
+    import horovod.tensorflow.keras as hvd
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from pipelines.models import ModelOptions, build_model
+    from pipelines.train.data import FeedOptions, split_dataset
+    from pipelines.train.schedule import LearningRate, make_optimizer
+
+    hvd.init()  # Horovod: join the other workers (Gloo rendezvous through the Spark driver)
+    rank, size = hvd.rank(), hvd.size()
+    mixed = _setup_devices(tf, hvd, spec.mixed_precision)
+    tf.random.set_seed(spec.seed + rank)  # Horovod: different augmentation/dropout noise per worker
+
+    model = build_model(spec.model, spec.shape, spec.num_classes, spec.mean, spec.std, ModelOptions(**spec.model_options))
+    peak = spec.learning_rate * (size if spec.scale_lr else 1)  # Horovod: scale the rate with the global batch
+    base = make_optimizer(spec.optimizer, spec.learning_rate, spec.momentum)
+    # Horovod: wrap the optimizer so compute_gradients averages the gradients of all workers (allreduce).
+    opt = hvd.DistributedOptimizer(base)
+    if mixed:
+        opt = keras.mixed_precision.LossScaleOptimizer(opt)
+    opt.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="none")
+
+    ckpt_dir = Path(spec.checkpoint_dir)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=opt)
+    start_epoch, history = spec.start_epoch, list(spec.history)
+    if start_epoch > 0:
+        ckpt.read(str(ckpt_dir / "ckpt")).expect_partial()  # every worker restores the same files
+    # Horovod: start every worker from rank 0's weights and optimizer state.
+    hvd_tf.broadcast_variables(model.variables, root_rank=0)
+    hvd_tf.broadcast_variables(opt.variables, root_rank=0)
+
+    steps = steps_per_epoch(spec.train_rows, spec.batch_size, size)
+    lr = LearningRate(spec.learning_rate, peak, spec.schedule, spec.epochs, spec.warmup_epochs, steps)
+    best_val, stale = math.inf, 0
+    for past in history:  # replay schedule state on resume
+        if "val_loss" in past:
+            lr.observe(past["val_loss"])
+            best_val, stale = (past["val_loss"], 0) if past["val_loss"] < best_val - 1e-4 else (best_val, stale + 1)
+
+    @tf.function
+    def train_step(x, y, w):
+        with tf.GradientTape() as tape:
+            probs = model(x, training=True)
+            loss = tf.reduce_sum(loss_fn(y, probs) * w) / tf.cast(tf.shape(y)[0], tf.float32)
+            if model.losses:
+                loss += tf.add_n(model.losses)
+        opt.minimize(loss, model.trainable_variables, tape=tape)  # Horovod: allreduce inside compute_gradients
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
+        return loss, correct
+
+    @tf.function
+    def eval_step(x, y):
+        probs = model(x, training=False)
+        losses = keras.losses.sparse_categorical_crossentropy(y, probs)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
+        return tf.reduce_sum(losses), correct, tf.cast(tf.shape(y)[0], tf.float32)
+
+    feed = FeedOptions(spec.shape, spec.batch_size, rank, size, spec.seed + rank, spec.shuffle_buffer,
+                       spec.augment, spec.class_weights)
+    steps_run = 0
+    epochs_run = 0
+    with split_dataset(spec.train_url, feed, endless=True) as train_ds:
+        batches = iter(train_ds)
+        for epoch in range(start_epoch, spec.epochs):
+            t_epoch = time.perf_counter()
+            waited = 0.0
+            loss_sum = tf.constant(0.0)
+            correct_sum = tf.constant(0.0)
+            for step in range(steps):
+                if epoch < spec.warmup_epochs or spec.schedule == "cosine" or step == 0:
+                    opt.learning_rate.assign(lr.at(epoch, step))
+                t0 = time.perf_counter()
+                x, y, w = next(batches)
+                waited += time.perf_counter() - t0
+                loss, correct = train_step(x, y, w)
+                loss_sum += loss
+                correct_sum += correct
+            seconds = time.perf_counter() - t_epoch
+            steps_run += steps
+            # Horovod: average the epoch's metrics over all workers (MetricAverageCallback fails under tf-keras).
+            loss_avg, acc_avg, wait_avg, sec_max = [float(v) for v in hvd.allreduce(
+                tf.stack([loss_sum / steps, correct_sum / (steps * spec.batch_size), waited / seconds, seconds]),
+                op=hvd.Average)]
+            metrics = {"epoch": epoch, "loss": loss_avg, "accuracy": acc_avg,
+                       "lr": float(lr.at(epoch, steps - 1)), "epoch_seconds": seconds,
+                       "images_per_second": steps * spec.batch_size * size / seconds,
+                       "input_wait_fraction": wait_avg}
+            if spec.validation_url:
+                totals = np.zeros(3)
+                with split_dataset(spec.validation_url, feed, endless=False) as val_ds:
+                    for x, y, _ in val_ds:
+                        totals += np.array([t.numpy() for t in eval_step(x, y)])
+                # Horovod: exact validation metrics: sum the shards' totals over all workers.
+                v_loss, v_correct, v_n = hvd.allreduce(tf.constant(totals, tf.float64), op=hvd.Sum).numpy()
+                metrics["val_loss"] = float(v_loss / max(v_n, 1))
+                metrics["val_accuracy"] = float(v_correct / max(v_n, 1))
+                lr.observe(metrics["val_loss"])
+            history.append(metrics)
+            epochs_run += 1
+            if rank == 0:  # Horovod: only rank 0 writes checkpoints and logs
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                _save_checkpoint(ckpt, ckpt_dir, {"epoch": epoch + 1, "history": history})
+                _log_epoch(spec, metrics)
+                print(EPOCH_MARK + json.dumps(metrics), flush=True)
+            if spec.early_stopping_patience and "val_loss" in metrics:
+                # identical on every worker (allreduced val_loss), so all stop together
+                if metrics["val_loss"] < best_val - 1e-4:
+                    best_val, stale = metrics["val_loss"], 0
+                else:
+                    stale += 1
+                    if stale >= spec.early_stopping_patience:
+                        break
+
+    digest = weights_digest(model)
+    result = {"rank": rank, "size": size, "steps": steps_run, "epochs_run": epochs_run,
+              "weights_digest": digest, "mixed_precision": mixed}
+    if rank == 0:  # Horovod: one copy of the final model, from rank 0
+        model_path = ckpt_dir / "final_model.keras"
+        model.save(str(model_path))
+        result.update({"model_path": str(model_path), "history": history})
+    hvd_tf.join()  # Horovod: nobody leaves before everybody is done
+    return result
+
+
+def _log_epoch(spec: WorkerSpec, metrics: dict[str, float]) -> None:
+    """Per-epoch metrics to the driver's MLflow run, live (rank 0 only)."""
+    try:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        client = MlflowClient(tracking_uri=spec.tracking_uri)
+        client.log_batch(spec.run_id, metrics=[Metric(k, float(v), now, int(metrics["epoch"]))
+                                               for k, v in metrics.items() if k != "epoch"])
+    except Exception as exc:  # tracking trouble must not kill training; the driver logs history again
+        print(f"mlflow logging failed: {exc}", file=sys.stderr)
+
+
+__all__ = ["WorkerSpec", "train_worker", "steps_per_epoch", "read_state", "EPOCH_MARK", "asdict"]
