@@ -204,5 +204,5 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
                  f"version {version}; UI: {tracking.ui_command(cfg)}")
     return {"stage": "train", "run_id": run_id, "model_uri": model_uri, "registered_model": cfg.mlflow.registered_model,
             "version": version, "dataset": ds.ref, "epochs_run": len(history), "workers": len(results),
-            "steps_per_worker": chief["steps"], "metrics": {k: v for k, v in final.items() if k != "epoch"},
+            "steps_per_worker": chief["steps"], "weights_in_sync": True, "weights_digest": chief["weights_digest"], "metrics": {k: v for k, v in final.items() if k != "epoch"},
             "seconds": round(took, 1)}

@@ -1,0 +1,100 @@
+"""Distributed training with real Horovod workers (Gloo) on a real local[2] SparkSession."""
+import sys
+
+import cloudpickle
+import mlflow
+import numpy as np
+import pytest
+
+from pipelines.errors import PipelineError
+from pipelines.ingest.job import run_ingest
+from pipelines.train.job import run_train
+from pipelines.train.worker import steps_per_epoch, train_worker
+from tests.fixtures import write_idx_slice
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import the tests package
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, spark):
+    """A 1,500-image Fashion-MNIST slice whose train split has an odd number of row groups (uneven shards)."""
+    from tests.conftest import make_config
+
+    root = tmp_path_factory.mktemp("train")
+    src = write_idx_slice(root / "idx", train=1500, test=300)
+    overrides = [f"ingest.source.path={src}", "ingest.row_group_rows=150", "ingest.files_per_split=1",
+                 "train.batch_size=32", "train.epochs=1", "train.num_proc=2", "train.warmup_epochs=0",
+                 "train.width=0.5"]
+    cfg = make_config(root, *overrides)
+    out = run_ingest(spark, cfg)
+    return root, overrides, out
+
+
+def cfg_for(small, *extra):
+    from tests.conftest import make_config
+
+    root, overrides, _ = small
+    return make_config(root, *overrides, *extra)
+
+
+def test_two_workers_train_in_sync_and_log_everything(spark, small):
+    _, _, ingested = small
+    from petastorm import make_batch_reader
+
+    shard_rows = []
+    for shard in (0, 1):
+        with make_batch_reader(f"file://{ingested['path']}/train", num_epochs=1, cur_shard=shard, shard_count=2,
+                               schema_fields=["label"]) as reader:
+            shard_rows.append(sum(len(b.label) for b in reader))
+    assert shard_rows[0] != shard_rows[1], "the fixture must give the two workers uneven shards"
+    cfg = cfg_for(small, "train.epochs=2")
+    out = run_train(spark, cfg)
+    assert out["workers"] == 2 and out["weights_in_sync"]
+    assert out["steps_per_worker"] == 2 * steps_per_epoch(ingested["counts"]["splits"]["train"], 32, 2)
+    client = mlflow.MlflowClient()
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.optimizer"] == "adam" and run.data.params["dataset"] == out["dataset"]
+    assert run.data.tags["num_workers"] == "2"
+    history = client.get_metric_history(out["run_id"], "val_accuracy")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == out["dataset"]
+    artifacts = {a.path for a in client.list_artifacts(out["run_id"])}
+    assert {"learning_curve.png", "config.yaml"} <= artifacts
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}/{out['version']}")
+    probs = model.predict(np.zeros((3, 28, 28, 1), dtype=np.uint8))
+    assert np.asarray(probs).shape == (3, 10)
+    assert out["metrics"]["val_accuracy"] > 0.5  # learned something from 1,200 images
+
+
+def test_resume_continues_at_the_next_epoch_in_the_same_run(spark, small):
+    first = run_train(spark, cfg_for(small, "train.epochs=1"))
+    resumed = run_train(spark, cfg_for(small, "train.epochs=3"), resume=first["run_id"])
+    assert resumed["run_id"] == first["run_id"]
+    assert resumed["epochs_run"] == 3
+    steps = sorted(m.step for m in mlflow.MlflowClient().get_metric_history(first["run_id"], "loss"))
+    assert steps == [0, 1, 2]
+
+
+def failing_worker(spec):
+    import horovod.tensorflow as hvd
+
+    hvd.init()
+    if hvd.rank() == 1:
+        raise RuntimeError("worker 1 exploded")
+    return train_worker(spec)
+
+
+def test_a_failing_worker_fails_the_run_without_hanging(spark, small):
+    cfg = cfg_for(small, "train.timeout_s=300")
+    with pytest.raises(PipelineError, match="training failed on a Horovod worker"):
+        run_train(spark, cfg, worker_fn=failing_worker)
+    runs = mlflow.search_runs(order_by=["start_time DESC"], max_results=1)
+    assert runs.iloc[0]["status"] == "FAILED"
+
+
+def test_resume_of_unknown_run_is_a_clear_error(spark, small):
+    with pytest.raises(PipelineError, match="no such MLflow run"):
+        run_train(spark, cfg_for(small), resume="0123456789abcdef")
