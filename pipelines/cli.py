@@ -54,10 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("file", help="workflow definition (Databricks Jobs YAML)")
         if action == "run":
             p.add_argument("--from", dest="from_task", metavar="TASK", help="repair: rerun from TASK on the last run")
+        if action == "schedule":
+            p.add_argument("--max-runs", type=int, default=0, help="stop after N runs (0: run until stopped)")
         _common(p)
     cl = sub.add_parser("cluster", help="start/stop a local Spark standalone cluster and MLflow server")
     cl.add_argument("action", choices=["up", "down", "status"])
-    cl.add_argument("--workers", type=int, default=2)
+    cl.add_argument("--workers", type=int, default=None, help="number of Spark workers (default: cluster.workers)")
     _common(cl)
     ui = sub.add_parser("ui", help="start the MLflow UI on the configured store (127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)

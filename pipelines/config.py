@@ -144,6 +144,19 @@ class TuneConfig:
 class WorkflowConfig:
     spark_submit: str
     poll_seconds: float
+    default_timeout_seconds: int
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    host: str
+    master_port: int
+    master_webui_port: int
+    workers: int
+    worker_cores: int
+    worker_memory: str
+    mlflow_port: int
+    state_dir: str
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,7 @@ class Config:
     infer: InferConfig
     tune: TuneConfig
     workflow: WorkflowConfig
+    cluster: ClusterConfig
     sources: tuple[str, ...] = field(default=(), compare=False)  # files merged, for messages and logging
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ def test_base_config_loads_with_every_section():
     cfg = load_config()
     assert cfg.train.model == "mnist_cnn"
     assert cfg.ingest.source.type == "idx"
-    assert set(cfg.to_dict()) == {"paths", "spark", "mlflow", "ingest", "train", "evaluate", "infer", "tune", "workflow"}
+    assert set(cfg.to_dict()) == {"paths", "spark", "mlflow", "ingest", "train", "evaluate", "infer", "tune", "workflow", "cluster"}
 
 
 def test_overlays_then_overrides_win_in_order(tmp_path):

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -17,38 +18,57 @@ from pipelines.config import Config, dataset_ref, resolve_path
 from pipelines.console import hush, is_verbose, say
 from pipelines.dataset.contract import DatasetVersion, Manifest, resolve_dataset
 from pipelines.errors import PipelineError
-from pipelines.train.worker import EPOCH_MARK, WorkerSpec, read_state, steps_per_epoch, train_worker
+from pipelines.train.worker import PROGRESS_FILE, WorkerSpec, read_state, steps_per_epoch, train_worker
 
 
 class WorkerOutput(io.TextIOBase):
-    """Where Horovod forwards the workers' stdout/stderr: epoch lines become one readable line each,
-    everything else goes to the run's log file (and to the terminal with --verbose)."""
+    """Where Horovod forwards the workers' stdout/stderr: the run's log file (and the terminal with --verbose)."""
 
-    def __init__(self, log_path: Path, total_epochs: int):
+    def __init__(self, log_path: Path):
         self.log = open(log_path, "a", buffering=1)
-        self.total_epochs = total_epochs
-        self._buf = ""
 
     def write(self, text: str) -> int:
-        self._buf += text
-        while "\n" in self._buf:
-            line, self._buf = self._buf.split("\n", 1)
-            self._line(line)
+        self.log.write(text)
+        if is_verbose():
+            sys.stderr.write(text)
         return len(text)
-
-    def _line(self, line: str) -> None:
-        self.log.write(line + "\n")
-        if EPOCH_MARK in line:
-            m = json.loads(line.split(EPOCH_MARK, 1)[1])
-            val = (f", val_loss {m['val_loss']:.4f}, val_acc {m['val_accuracy']:.4f}" if "val_loss" in m else "")
-            say("train", f"epoch {m['epoch'] + 1}/{self.total_epochs}: loss {m['loss']:.4f}, acc {m['accuracy']:.4f}"
-                         f"{val}, lr {m['lr']:.2e}, {m['images_per_second']:.0f} img/s, "
-                         f"input wait {100 * m['input_wait_fraction']:.1f}%, {m['epoch_seconds']:.1f}s")
-        elif is_verbose():
-            print(line, file=sys.stderr)
 
     def flush(self) -> None:
         self.log.flush()
+
+
+class EpochPrinter(threading.Thread):
+    """Tails rank 0's progress file and prints one line per epoch while the workers train."""
+
+    def __init__(self, path: Path, total_epochs: int):
+        super().__init__(daemon=True)
+        self.path, self.total_epochs = path, total_epochs
+        self.done = threading.Event()
+        self._pos = path.stat().st_size if path.exists() else 0
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            self.poll()
+        self.poll()
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path) as fh:
+            fh.seek(self._pos)
+            for line in fh:
+                if not line.endswith("\n"):
+                    break
+                self._pos += len(line.encode())
+                m = json.loads(line)
+                val = f", val_loss {m['val_loss']:.4f}, val_acc {m['val_accuracy']:.4f}" if "val_loss" in m else ""
+                say("train", f"epoch {m['epoch'] + 1}/{self.total_epochs}: loss {m['loss']:.4f}, "
+                             f"acc {m['accuracy']:.4f}{val}, lr {m['lr']:.2e}, {m['images_per_second']:.0f} img/s, "
+                             f"input wait {100 * m['input_wait_fraction']:.1f}%, {m['epoch_seconds']:.1f}s")
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=5)
 
 
 def _check_shardable(ds: DatasetVersion, manifest: Manifest, workers: int) -> None:
@@ -169,13 +189,15 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
             raise PipelineError(f"--resume {resume}: already trained {start_epoch} epochs (train.epochs={t.epochs})")
         spec = worker_spec(cfg, ds, manifest, run_id, start_epoch, state["history"] if state else [])
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        out = WorkerOutput(ckpt_dir / "workers.log", t.epochs)
+        out = WorkerOutput(ckpt_dir / "workers.log")
+        printer = EpochPrinter(ckpt_dir / PROGRESS_FILE, t.epochs)
         say("train", f"{'resuming' if resume else 'starting'} run {run_id}: {t.model} on {ds.ref}, "
                      f"{t.num_proc} Horovod worker(s), epochs {start_epoch + 1}..{t.epochs}, "
                      f"batch {t.batch_size}/worker, {t.optimizer} lr {t.learning_rate:g}")
         env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONWARNINGS": "ignore",
                "TF_CPP_MIN_LOG_LEVEL": "0" if is_verbose() else "3", "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg)}
         spark.sparkContext.setJobDescription("sparkvision train (horovod)")
+        printer.start()
         try:
             results = horovod.spark.run(worker_fn, args=(spec,), num_proc=t.num_proc, env=env, stdout=out,
                                         stderr=out, verbose=2 if is_verbose() else 0,
@@ -186,6 +208,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
                                 f"worker log: {ckpt_dir / 'workers.log'}") from exc
         finally:
+            printer.stop()
             out.flush()
         digests = {r["weights_digest"] for r in results}
         steps = {r["steps"] for r in results}

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-EPOCH_MARK = "SPARKVISION_EPOCH "
+PROGRESS_FILE = "progress.jsonl"
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,10 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
                 _save_checkpoint(ckpt, ckpt_dir, {"epoch": epoch + 1, "history": history})
                 _log_epoch(spec, metrics)
-                print(EPOCH_MARK + json.dumps(metrics), flush=True)
+                # Horovod forwards worker stdout to the driver in 64 KiB chunks, so progress goes through a
+                # file on the (shared) checkpoint path that the driver tails.
+                with open(ckpt_dir / PROGRESS_FILE, "a") as fh:
+                    fh.write(json.dumps(metrics) + "\n")
             if spec.early_stopping_patience and "val_loss" in metrics:
                 # identical on every worker (allreduced val_loss), so all stop together
                 if metrics["val_loss"] < best_val - 1e-4:
@@ -241,4 +244,4 @@ def _log_epoch(spec: WorkerSpec, metrics: dict[str, float]) -> None:
         print(f"mlflow logging failed: {exc}", file=sys.stderr)
 
 
-__all__ = ["WorkerSpec", "train_worker", "steps_per_epoch", "read_state", "EPOCH_MARK", "asdict"]
+__all__ = ["WorkerSpec", "train_worker", "steps_per_epoch", "read_state", "PROGRESS_FILE", "asdict"]

@@ -1,0 +1,135 @@
+"""`sparkvision infer`: batch inference over a dataset split, raw image files, or any Parquet table."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipelines import tracking
+from pipelines.config import Config
+from pipelines.console import say
+from pipelines.dataset.contract import resolve_dataset
+from pipelines.errors import PipelineError
+from pipelines.images import ImageSpec
+from pipelines.inference.models import CHAMPION, resolve_model
+from pipelines.inference.predict import check_image_lengths, predict
+
+QUARANTINE_DIR = "_quarantine"  # inside the output; Spark and pandas readers skip '_' folders
+
+
+def default_model_uri(cfg: Config) -> str:
+    return cfg.infer.model_uri or f"models:/{cfg.mlflow.registered_model}@{CHAMPION}"
+
+
+def read_dataset_input(spark: SparkSession, cfg: Config) -> DataFrame:
+    """NAME[/VERSION][:split] -> that split's rows (default: ingest.name's test split)."""
+    ref = cfg.infer.input or f"{cfg.ingest.name}:test"
+    name_version, _, split = ref.partition(":")
+    ds = resolve_dataset(cfg.paths.datasets_root, name_version)
+    return spark.read.parquet(ds.split_path(split or "test").as_uri())
+
+
+def read_files_input(spark: SparkSession, cfg: Config, shape: tuple[int, int, int]) -> tuple[DataFrame, DataFrame]:
+    """Raw image files (a folder, recursively, or a glob) decoded with ingest's code -> (rows, quarantine)."""
+    from pipelines.ingest.validate import decode_candidates
+
+    path = cfg.infer.input
+    if not path:
+        raise PipelineError("infer.input_type=files needs infer.input (a folder or a glob of image files)")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+    from pipelines.images import IMAGE_EXTENSIONS
+
+    reader = spark.read.format("binaryFile")
+    if os.path.isdir(path):
+        reader = reader.option("recursiveFileLookup", "true")
+    try:
+        files = reader.load(path)
+    except Exception as exc:
+        raise PipelineError(f"cannot read image files at {path}: {str(exc).splitlines()[0]}") from None
+    ext = F.lower(F.regexp_extract("path", r"(\.[^./]+)$", 1))
+    rows = files.where(ext.isin(*sorted(IMAGE_EXTENSIONS))).select(
+        "path", F.lit(None).cast("string").alias("label"), F.lit(None).cast("string").alias("source_split"),
+        "content", F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
+    im = cfg.ingest.image
+    spec = ImageSpec(shape[0], shape[1], shape[2], im.resize_policy, tuple(im.background), cfg.ingest.max_pixels)
+    decoded = decode_candidates(rows, spec)
+    good = decoded.where(F.col("reason").isNull()).select(
+        F.col("path").alias("source_path"), F.col("content_hash").alias("id"), "image")
+    bad = decoded.where(F.col("reason").isNotNull()).select("path", "reason", "detail")
+    return good, bad
+
+
+def _write_atomically(df: DataFrame, quarantine: DataFrame | None, output: Path, partition_by: list[str]) -> None:
+    """Write to a hidden sibling folder, then rename into place: a failure leaves nothing at `output`."""
+    if output.exists():
+        raise PipelineError(f"output {output} already exists; choose another infer.output")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.staging-{uuid.uuid4().hex[:8]}"
+    try:
+        writer = df.write.mode("error")
+        if partition_by:
+            writer = writer.partitionBy(*partition_by)
+        writer.parquet(staging.as_uri())
+        if quarantine is not None:
+            quarantine.coalesce(1).write.parquet((staging / QUARANTINE_DIR).as_uri())
+        os.rename(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def run_infer(spark: SparkSession, cfg: Config) -> dict[str, Any]:
+    """Score the configured input with the configured model (default: the champion) and write Parquet."""
+    started = time.perf_counter()
+    tracking.configure(cfg)
+    ic = cfg.infer
+    uri = default_model_uri(cfg)
+    model = resolve_model(uri)
+    quarantine = None
+    if ic.input_type == "dataset":
+        df, image_column = read_dataset_input(spark, cfg), "image"
+    elif ic.input_type == "files":
+        (df, quarantine), image_column = read_files_input(spark, cfg, model.shape), "image"
+    else:
+        if not ic.input:
+            raise PipelineError("infer.input_type=table needs infer.input (a Parquet path)")
+        try:
+            df = spark.read.parquet(ic.input)
+        except Exception as exc:
+            raise PipelineError(f"cannot read Parquet table {ic.input}: {str(exc).splitlines()[0]}") from None
+        image_column = ic.image_column
+    keys = [c for c in ic.key_columns if c in df.columns]
+    missing = [c for c in ic.key_columns if c not in df.columns and ic.input_type != "files"]
+    if missing:
+        raise PipelineError(f"input has no key column {missing[0]!r} (columns: {', '.join(df.columns)})")
+    if image_column not in df.columns:
+        raise PipelineError(f"input has no image column {image_column!r} (columns: {', '.join(df.columns)}); "
+                            f"set infer.image_column")
+    if ic.input_type == "files":
+        keys = ["source_path", "id"]
+    df = df.select(*dict.fromkeys(keys + [image_column]))
+    if ic.input_type != "files":
+        n = check_image_lengths(df, image_column, model.shape)
+    else:
+        df = df.persist()
+        n = df.count()
+        if n == 0 and (quarantine is None or quarantine.count() == 0):
+            raise PipelineError(f"no image files found at {ic.input}")
+    scored = predict(df, uri, image_column=image_column, top_k=ic.top_k, batch_size=ic.batch_size)
+    output = Path(ic.output or Path(cfg.paths.predictions_root) / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    t0 = time.perf_counter()
+    _write_atomically(scored, quarantine, output, ic.partition_by)
+    seconds = time.perf_counter() - t0
+    quarantined = spark.read.parquet((output / QUARANTINE_DIR).as_uri()).count() if quarantine is not None else 0
+    rate = n / seconds if seconds else 0.0
+    say("infer", f"scored {n} rows with {uri} (version {model.version}) -> {output}: "
+                 f"{quarantined} quarantined, {rate:.0f} images/s")
+    return {"stage": "infer", "output": str(output), "rows_scored": n, "rows_quarantined": quarantined,
+            "model_uri": uri, "model_version": model.version, "images_per_second": round(rate, 1),
+            "seconds": round(time.perf_counter() - started, 1)}

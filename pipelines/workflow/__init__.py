@@ -1,0 +1,1 @@
+"""Workflows: Databricks-format multi-task jobs run locally as spark-submit processes, scheduled, or deployed."""

@@ -1,0 +1,234 @@
+"""Run a workflow's tasks locally in dependency order, each as its own spark-submit process (a job cluster per
+task), with retries, timeouts, task values handed downstream, and a run record per run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import Config, resolve_path
+from pipelines.console import say
+from pipelines.workflow.definition import Task, Workflow, substitute
+
+SUCCESS, FAILED, TIMED_OUT, UPSTREAM_FAILED, CANCELLED, REUSED = (
+    "SUCCESS", "FAILED", "TIMEDOUT", "UPSTREAM_FAILED", "CANCELLED", "REUSED")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunRecord:
+    """What `workflow runs` lists: one JSON file per run under <runs_root>/workflows/<job>/<run_id>/."""
+
+    run_id: str
+    job: str
+    workflow_file: str
+    status: str = "RUNNING"
+    trigger: str = "manual"
+    started: str = field(default_factory=now)
+    ended: str | None = None
+    conf: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / "record.json.tmp"
+        tmp.write_text(json.dumps(self.__dict__, indent=2))
+        os.replace(tmp, directory / "record.json")
+
+    @classmethod
+    def load(cls, path: Path) -> "RunRecord":
+        return cls(**json.loads(path.read_text()))
+
+
+def runs_dir(cfg: Config, wf_key: str) -> Path:
+    return resolve_path(cfg.paths.runs_root) / "workflows" / wf_key
+
+
+def list_runs(cfg: Config) -> list[RunRecord]:
+    root = resolve_path(cfg.paths.runs_root) / "workflows"
+    records = [RunRecord.load(p) for p in root.glob("*/*/record.json")] if root.is_dir() else []
+    return sorted(records, key=lambda r: r.started)
+
+
+class Cancelled(Exception):
+    pass
+
+
+class WorkflowRunner:
+    """Runs one workflow run; `cancel()` (from a signal handler) stops the task in flight."""
+
+    def __init__(self, cfg: Config, wf: Workflow, conf_files: list[str], overrides: list[str], verbose: bool = False):
+        self.cfg, self.wf, self.conf_files, self.overrides, self.verbose = cfg, wf, conf_files, overrides, verbose
+        self._proc: subprocess.Popen | None = None
+        self._cancel = threading.Event()
+
+    # ---------------------------------------------------------------------------------------- commands
+    def _spark_submit(self) -> str:
+        name = self.cfg.workflow.spark_submit
+        if name == "spark-submit":
+            beside = Path(sys.executable).parent / "spark-submit"
+            return str(beside) if beside.exists() else name
+        return name
+
+    def command(self, task: Task, values: dict[str, dict[str, Any]]) -> list[str]:
+        """The process a task runs: spark-submit FILE PARAMS --conf ... --set ..."""
+        job_params = {"conf": self.conf_files[-1] if self.conf_files else "conf/base.yaml", **self.wf.parameters}
+        if self.conf_files:
+            job_params["conf"] = self.conf_files[-1]
+        params = [substitute(p, job_params, values) for p in task.parameters]
+        extra = [x for f in self.conf_files if f not in params for x in ("--conf", f)]
+        extra += [x for o in self.overrides for x in ("--set", o)]
+        if self.verbose:
+            extra.append("--verbose")
+        if task.python_file is not None:
+            sc = self.cfg.spark
+            return [self._spark_submit(), "--master", sc.master, "--driver-memory", sc.driver_memory,
+                    "--conf", f"spark.pyspark.python={sys.executable}", str(task.python_file), *params, *extra]
+        return [sys.executable, "-m", "pipelines.cli", *params, *extra]
+
+    # ----------------------------------------------------------------------------------------- running
+    def cancel(self) -> None:
+        self._cancel.set()
+        proc = self._proc
+        if proc and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    def _attempt(self, cmd: list[str], log: Path, timeout: int) -> tuple[str, int | None]:
+        env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "TF_USE_LEGACY_KERAS": "1",
+               "SPARKVISION_WORKFLOW_RUN": "1"}
+        with open(log, "w") as fh:
+            fh.write(f"$ {' '.join(cmd)}\n")
+            fh.flush()
+            self._proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                          start_new_session=True, cwd=os.getcwd())
+            deadline = time.monotonic() + timeout if timeout else None
+            while self._proc.poll() is None:
+                if self._cancel.is_set():
+                    self._stop(self._proc)
+                    return CANCELLED, None
+                if deadline and time.monotonic() > deadline:
+                    self._stop(self._proc)
+                    fh.write(f"\n[workflow] killed after timeout_seconds={timeout}\n")
+                    return TIMED_OUT, None
+                time.sleep(self.cfg.workflow.poll_seconds)
+        code = self._proc.returncode
+        return (SUCCESS if code == 0 else FAILED), code
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen) -> None:
+        """SIGTERM the task's whole process group, then SIGKILL what is left."""
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+    @staticmethod
+    def task_values(log: Path) -> dict[str, Any]:
+        """A job's last stdout line is its JSON result: those keys are the task's values."""
+        for line in reversed(log.read_text(errors="replace").splitlines()):
+            line = line.strip()
+            if line.startswith("{") and line.endswith("}"):
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+        return {}
+
+    def run(self, repair_from: str | None = None, trigger: str = "manual") -> RunRecord:
+        """Run every task (or, with repair_from, that task and its dependents on the last run)."""
+        base = runs_dir(self.cfg, self.wf.key)
+        if repair_from:
+            previous = list_runs_for(self.cfg, self.wf.key)
+            if not previous:
+                raise ValueError(f"no earlier run of {self.wf.key} to repair")
+            if repair_from not in self.wf.tasks:
+                raise ValueError(f"--from {repair_from}: no such task (tasks: {', '.join(self.wf.tasks)})")
+            record = previous[-1]
+            record.status, record.ended = "RUNNING", None
+            rerun = self.wf.downstream(repair_from)
+            for key in self.wf.tasks:
+                if key not in rerun and record.tasks.get(key, {}).get("status") not in (SUCCESS, REUSED):
+                    raise ValueError(f"--from {repair_from}: upstream task {key!r} did not succeed in run "
+                                     f"{record.run_id}; repair from it instead")
+        else:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            record = RunRecord(f"{stamp}-{uuid.uuid4().hex[:6]}", self.wf.key, str(self.wf.path), trigger=trigger,
+                               conf=list(self.conf_files), overrides=list(self.overrides))
+            rerun = set(self.wf.tasks)
+        run_dir = base / record.run_id
+        record.save(run_dir)
+        say("workflow", f"run {record.run_id} of {self.wf.name}: {' -> '.join(self.wf.order())}"
+                        + (f" (repair from {repair_from})" if repair_from else ""))
+        values: dict[str, dict[str, Any]] = {k: v.get("values", {}) for k, v in record.tasks.items()}
+        failed: str | None = None
+        for key in self.wf.order():
+            task = self.wf.tasks[key]
+            entry = record.tasks.setdefault(key, {"attempts": []})
+            if key not in rerun:
+                entry["status"] = REUSED if entry.get("status") in (SUCCESS, REUSED) else entry.get("status")
+                say("workflow", f"{key}: reused from the earlier attempt")
+                continue
+            upstream_bad = [d for d in task.depends_on if record.tasks.get(d, {}).get("status") not in (SUCCESS, REUSED)]
+            if upstream_bad or self._cancel.is_set():
+                entry.update(status=CANCELLED if self._cancel.is_set() else UPSTREAM_FAILED,
+                             reason=f"upstream {', '.join(upstream_bad)} did not succeed" if upstream_bad else "cancelled")
+                record.save(run_dir)
+                continue
+            entry.update(status="RUNNING", started=now(), values={})
+            timeout = task.timeout_seconds or self.cfg.workflow.default_timeout_seconds
+            status = FAILED
+            for attempt in range(task.max_retries + 1):
+                if attempt and task.min_retry_interval_ms:
+                    time.sleep(task.min_retry_interval_ms / 1000)
+                n = len(entry["attempts"]) + 1
+                log = run_dir / f"{key}.attempt{n}.log"
+                try:
+                    cmd = self.command(task, values)
+                except KeyError as exc:
+                    log.write_text(f"[workflow] {exc}\n")
+                    entry["attempts"].append({"attempt": n, "status": FAILED, "log": str(log), "error": str(exc)})
+                    status = FAILED
+                    break
+                t0 = time.monotonic()
+                status, code = self._attempt(cmd, log, timeout)
+                took = time.monotonic() - t0
+                entry["attempts"].append({"attempt": n, "status": status, "exit_code": code, "log": str(log),
+                                          "seconds": round(took, 1), "started": entry["started"], "ended": now()})
+                entry["log"] = str(log)
+                record.save(run_dir)
+                say("workflow", f"{key}: {status} in {took:.0f}s (attempt {n}) log {log}")
+                if status in (SUCCESS, CANCELLED):
+                    break
+            entry.update(status=status, ended=now())
+            if status == SUCCESS:
+                values[key] = entry["values"] = self.task_values(Path(entry["log"]))
+            elif failed is None:
+                failed = key
+            record.save(run_dir)
+        statuses = {v.get("status") for v in record.tasks.values()}
+        record.status = (CANCELLED if CANCELLED in statuses else
+                         FAILED if statuses - {SUCCESS, REUSED} else SUCCESS)
+        record.ended = now()
+        record.save(run_dir)
+        return record
+
+
+def list_runs_for(cfg: Config, key: str) -> list[RunRecord]:
+    return [r for r in list_runs(cfg) if r.job == key]

@@ -1,0 +1,133 @@
+"""Evaluation, the promotion gate and batch inference, with a model really trained by Horovod workers."""
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from mlflow import MlflowClient
+
+from pipelines.errors import PipelineError
+from pipelines.inference.evaluate import run_evaluate
+from pipelines.inference.job import run_infer
+from pipelines.inference.predict import load_keras_model, predict
+from pipelines.ingest.job import run_ingest
+from pipelines.train.job import run_train
+from tests.conftest import make_config
+from tests.fixtures import build_image_tree, write_idx_slice
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, spark):
+    root = tmp_path_factory.mktemp("infer")
+    src = write_idx_slice(root / "idx", train=1500, test=400)
+    overrides = [f"ingest.source.path={src}", "ingest.row_group_rows=150", "ingest.files_per_split=1",
+                 "train.batch_size=32", "train.epochs=2", "train.num_proc=2", "train.warmup_epochs=0",
+                 "train.width=0.5", "evaluate.threshold=0.5", "evaluate.misclassified_examples=12"]
+    run_ingest(spark, make_config(root, *overrides))
+    first = run_train(spark, make_config(root, *overrides))
+    return root, overrides, first
+
+
+def cfg_of(trained, *extra):
+    root, overrides, _ = trained
+    return make_config(root, *overrides, *extra)
+
+
+def test_evaluate_logs_metrics_and_promotes_the_first_model(spark, trained):
+    _, _, first = trained
+    out = run_evaluate(spark, cfg_of(trained))
+    assert out["model_version"] == first["version"]
+    assert out["decision"] == "champion" and "no champion" in out["reason"]
+    assert 0.5 < out["metrics"]["accuracy"] <= out["metrics"]["top_k_accuracy"] <= 1
+    client = MlflowClient()
+    run = client.get_run(out["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == first["run_id"]
+    assert run.data.metrics["test_accuracy"] == pytest.approx(out["metrics"]["accuracy"])
+    assert "f1_T_shirt_top" in run.data.metrics
+    arts = {a.path for a in client.list_artifacts(out["run_id"])}
+    assert {"confusion_matrix.png", "misclassified.png", "classification_report.txt", "promotion.json"} <= arts
+    name = cfg_of(trained).mlflow.registered_model
+    assert client.get_model_version_by_alias(name, "champion").version == first["version"]
+
+
+def test_gate_refuses_a_model_below_threshold(spark, trained):
+    out = run_evaluate(spark, cfg_of(trained, "evaluate.threshold=0.999"))
+    # already champion from the previous test, or challenger: never promoted past the threshold
+    assert out["decision"] in ("challenger", "champion")
+    second = run_train(spark, cfg_of(trained, "train.epochs=1", "train.learning_rate=0.00001"))
+    weak = run_evaluate(spark, cfg_of(trained, f"evaluate.model_uri=models:/{second['registered_model']}/{second['version']}"))
+    assert weak["decision"] == "challenger"
+    assert "below the threshold" in weak["reason"] or "does not beat champion" in weak["reason"]
+    assert weak["champion_accuracy"] is not None
+    name = second["registered_model"]
+    assert MlflowClient().get_model_version_by_alias(name, "challenger").version == second["version"]
+
+
+def test_infer_agrees_with_evaluate_and_in_process_predict(spark, trained, tmp_path):
+    _, _, first = trained
+    cfg = cfg_of(trained, f"evaluate.model_uri=runs:/{first['run_id']}/model",
+                 f"infer.model_uri=runs:/{first['run_id']}/model", f"infer.output={tmp_path}/preds",
+                 "infer.key_columns=[id, label]")
+    evaluated = run_evaluate(spark, cfg)
+    out = run_infer(spark, cfg)
+    assert out["rows_scored"] == evaluated["rows"]
+    preds = pq.read_table(out["output"]).to_pandas()
+    assert (preds["pred_label"] == preds["label"]).mean() == pytest.approx(evaluated["metrics"]["accuracy"], abs=0)
+    assert {"pred_name", "probability", "top_k", "model_uri", "model_version"} <= set(preds.columns)
+    # in-process predict of the same model on the same rows
+    test_dir = out["output"]  # ids come from the test split of the dataset
+    from pipelines.dataset.contract import resolve_dataset
+
+    ds = resolve_dataset(cfg.paths.datasets_root, "fashion_mnist")
+    rows = pq.read_table(ds.split_path("test")).to_pandas()
+    pixels = np.stack([np.frombuffer(b, np.uint8) for b in rows["image"]]).reshape(-1, 28, 28, 1)
+    model = load_keras_model(f"models:/{first['registered_model']}/{first['version']}")
+    local = pd.DataFrame({"id": rows["id"], "local": model.predict(pixels, verbose=0).argmax(1)})
+    merged = preds.merge(local, on="id")
+    assert len(merged) == len(preds) and test_dir
+    assert (merged["pred_label"] == merged["local"]).all()
+
+
+def test_predict_api_on_a_users_dataframe(spark, trained):
+    _, _, first = trained
+    from pipelines.dataset.contract import resolve_dataset
+
+    ds = resolve_dataset(cfg_of(trained).paths.datasets_root, "fashion_mnist")
+    df = spark.read.parquet(ds.split_path("test").as_uri()).limit(50)
+    out = predict(df, f"models:/{first['registered_model']}/{first['version']}", top_k=2)
+    row = out.select("pred_label", "pred_name", "probability", "top_k", "model_version").first()
+    assert len(row["top_k"]) == 2 and row["top_k"][0]["label"] == row["pred_label"]
+    assert row["model_version"] == first["version"]
+    assert "image" not in out.columns
+
+
+def test_infer_on_raw_files_quarantines_bad_ones(spark, trained, tmp_path):
+    tree = tmp_path / "photos"
+    expected = build_image_tree(tree)
+    cfg = cfg_of(trained, "infer.input_type=files", f"infer.input={tree}", f"infer.output={tmp_path}/raw-preds",
+                 "ingest.max_pixels=4000000")
+    out = run_infer(spark, cfg)
+    assert out["rows_quarantined"] == expected["empty_file"] * 0 + expected["truncated"] + expected["not_an_image"] + expected["too_many_pixels"]
+    assert out["rows_scored"] > 10
+    q = pq.read_table(f"{tmp_path}/raw-preds/_quarantine").to_pandas()
+    assert set(q["reason"]) == {"truncated", "not_an_image", "too_many_pixels"}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["infer.model_uri=models:/nope/7"], "model models:/nope/7 not found"),
+    (["infer.input_type=table", "infer.input={tmp}/table", "infer.image_column=pixels"], "no image column 'pixels'"),
+    (["infer.input_type=table", "infer.input={tmp}/wrong_shape", "infer.key_columns=[id]"], "do not match the model input 28x28x1"),
+    (["infer.input_type=table", "infer.input={tmp}/empty", "infer.key_columns=[id]"], "the input is empty"),
+])
+def test_bad_inference_inputs_fail_clearly_and_write_nothing(spark, trained, tmp_path, extra, message):
+    _, _, first = trained
+    spark.createDataFrame([("a", bytearray(784))], "id string, image binary").write.parquet(f"{tmp_path}/table")
+    spark.createDataFrame([("a", bytearray(100))], "id string, image binary").write.parquet(f"{tmp_path}/wrong_shape")
+    spark.createDataFrame([], "id string, image binary").write.parquet(f"{tmp_path}/empty")
+    cfg = cfg_of(trained, f"infer.model_uri=runs:/{first['run_id']}/model", f"infer.output={tmp_path}/out",
+                 *[e.format(tmp=tmp_path) for e in extra])
+    with pytest.raises(PipelineError, match=message):
+        run_infer(spark, cfg)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
