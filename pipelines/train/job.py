@@ -107,7 +107,11 @@ def _log_dataset(ds: DatasetVersion, manifest: Manifest) -> None:
     from mlflow.data.http_dataset_source import HTTPDatasetSource  # noqa: F401  (registers sources)
     from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-    source = resolve_dataset_source(ds.path.as_uri())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": both are local artifact sources
+        source = resolve_dataset_source(ds.path.as_uri())
     dataset = MetaDataset(source=source, name=ds.ref, digest=manifest.digest.split(":")[-1][:36])
     counts = manifest.data["counts"]["splits"]
     mlflow.log_input(dataset, context="training",

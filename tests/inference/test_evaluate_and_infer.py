@@ -22,7 +22,7 @@ def trained(tmp_path_factory, spark):
     root = tmp_path_factory.mktemp("infer")
     src = write_idx_slice(root / "idx", train=1500, test=400)
     overrides = [f"ingest.source.path={src}", "ingest.row_group_rows=150", "ingest.files_per_split=1",
-                 "train.batch_size=32", "train.epochs=2", "train.num_proc=2", "train.warmup_epochs=0",
+                 "train.batch_size=32", "train.epochs=5", "train.num_proc=2", "train.warmup_epochs=0",
                  "train.width=0.5", "evaluate.threshold=0.5", "evaluate.misclassified_examples=12"]
     run_ingest(spark, make_config(root, *overrides))
     first = run_train(spark, make_config(root, *overrides))
@@ -48,7 +48,7 @@ def test_evaluate_logs_metrics_and_promotes_the_first_model(spark, trained):
     arts = {a.path for a in client.list_artifacts(out["run_id"])}
     assert {"confusion_matrix.png", "misclassified.png", "classification_report.txt", "promotion.json"} <= arts
     name = cfg_of(trained).mlflow.registered_model
-    assert client.get_model_version_by_alias(name, "champion").version == first["version"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first["version"]
 
 
 def test_gate_refuses_a_model_below_threshold(spark, trained):
@@ -61,7 +61,7 @@ def test_gate_refuses_a_model_below_threshold(spark, trained):
     assert "below the threshold" in weak["reason"] or "does not beat champion" in weak["reason"]
     assert weak["champion_accuracy"] is not None
     name = second["registered_model"]
-    assert MlflowClient().get_model_version_by_alias(name, "challenger").version == second["version"]
+    assert str(MlflowClient().get_model_version_by_alias(name, "challenger").version) == second["version"]
 
 
 def test_infer_agrees_with_evaluate_and_in_process_predict(spark, trained, tmp_path):

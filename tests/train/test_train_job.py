@@ -49,17 +49,17 @@ def test_two_workers_train_in_sync_and_log_everything(spark, small):
                                schema_fields=["label"]) as reader:
             shard_rows.append(sum(len(b.label) for b in reader))
     assert shard_rows[0] != shard_rows[1], "the fixture must give the two workers uneven shards"
-    cfg = cfg_for(small, "train.epochs=2")
+    cfg = cfg_for(small, "train.epochs=4")
     out = run_train(spark, cfg)
     assert out["workers"] == 2 and out["weights_in_sync"]
-    assert out["steps_per_worker"] == 2 * steps_per_epoch(ingested["counts"]["splits"]["train"], 32, 2)
+    assert out["steps_per_worker"] == 4 * steps_per_epoch(ingested["counts"]["splits"]["train"], 32, 2)
     client = mlflow.MlflowClient()
     run = client.get_run(out["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.optimizer"] == "adam" and run.data.params["dataset"] == out["dataset"]
     assert run.data.tags["num_workers"] == "2"
     history = client.get_metric_history(out["run_id"], "val_accuracy")
-    assert sorted(m.step for m in history) == [0, 1]
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == out["dataset"]
     artifacts = {a.path for a in client.list_artifacts(out["run_id"])}
     assert {"learning_curve.png", "config.yaml"} <= artifacts
