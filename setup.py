@@ -2,6 +2,20 @@
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildWithConf(build_py):
+    """Ship conf/*.yaml inside the wheel (pipelines/conf/), so an installed package finds its defaults."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "pipelines" / "conf"
+        target.mkdir(parents=True, exist_ok=True)
+        for f in (HERE / "conf").glob("*.yaml"):
+            (target / f.name).write_text(f.read_text())
+        log4j = HERE / "pipelines" / "log4j2.properties"
+        (Path(self.build_lib) / "pipelines" / log4j.name).write_text(log4j.read_text())
 
 HERE = Path(__file__).parent
 
@@ -24,8 +38,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["pipelines", "pipelines.*"]),
-    package_data={"pipelines": ["conf/*.yaml"]},
-    include_package_data=True,
+    package_data={"pipelines": ["log4j2.properties"]},
+    cmdclass={"build_py": BuildWithConf},
     install_requires=pinned(
         "pyspark", "pyarrow", "numpy", "pandas", "tensorflow", "tf-keras", "horovod",
         "petastorm", "mlflow", "databricks-bundles", "pillow", "pyyaml", "croniter", "matplotlib",

@@ -14,7 +14,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# A checkout reads <repo>/conf; an installed wheel carries a copy in pipelines/conf (see setup.py).
+_PACKAGED = Path(__file__).resolve().parent / "conf"
+CONF_DIR = _PACKAGED if (_PACKAGED / "base.yaml").is_file() else Path(__file__).resolve().parent.parent / "conf"
 BASE_FILE = CONF_DIR / "base.yaml"
 
 

@@ -125,6 +125,8 @@ class WorkflowRunner:
                     return TIMED_OUT, None
                 time.sleep(self.cfg.workflow.poll_seconds)
         code = self._proc.returncode
+        if self._cancel.is_set():  # stopped by cancel() (SIGTERM to the scheduler), not a task failure
+            return CANCELLED, code
         return (SUCCESS if code == 0 else FAILED), code
 
     @staticmethod

@@ -1,0 +1,182 @@
+"""Workflow definitions, the local DAG runner (real spark-submit processes) and the Quartz scheduler."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError
+from pipelines.workflow.definition import load_workflow
+from pipelines.workflow.runner import WorkflowRunner, list_runs
+from pipelines.workflow.schedule import quartz_to_cron
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_workflow_and_bundle_parse_with_the_databricks_job_model():
+    from databricks.bundles.jobs import Job
+
+    wf = load_workflow(ROOT / "jobs/workflows/fashion_mnist.yaml")
+    assert wf.order() == ["ingest", "train", "evaluate", "infer"]
+    assert wf.cron == "0 0 3 * * ?" and wf.timezone == "UTC"
+    assert wf.tasks["train"].max_retries == 1 and wf.tasks["train"].timeout_seconds == 7200
+    bundle = yaml.safe_load((ROOT / "databricks.yml").read_text())
+    assert set(bundle["targets"]) == {"dev", "prod"}
+    assert bundle["artifacts"]["sparkvision_wheel"]["build"].startswith("python")
+    for key, job in bundle["resources"]["jobs"].items():
+        parsed = Job.from_dict(job)
+        kinds = {("wheel" if t.python_wheel_task else "python") for t in parsed.tasks}
+        assert kinds and all(t.task_key for t in parsed.tasks), key
+    included = [p for pattern in bundle["include"] for p in ROOT.glob(pattern)]
+    assert ROOT / "jobs/workflows/fashion_mnist.yaml" in included
+
+
+@pytest.mark.parametrize("job, message", [
+    ({"name": "x", "tasks": [{"task_key": "a", "spark_python_task": {"python_file": "t.py"}, "retries": 1}]},
+     "Unexpected field 'retries'"),
+    ({"name": "x", "tasks": [{"task_key": "a", "depends_on": [{"task_key": "b"}], "spark_python_task": {"python_file": "t.py"}},
+                             {"task_key": "b", "depends_on": [{"task_key": "a"}], "spark_python_task": {"python_file": "t.py"}}]},
+     "dependency cycle"),
+    ({"name": "x", "tasks": [{"task_key": "a", "depends_on": [{"task_key": "zz"}], "spark_python_task": {"python_file": "t.py"}}]},
+     "unknown task 'zz'"),
+])
+def test_invalid_definitions_are_refused(tmp_path, job, message):
+    (tmp_path / "t.py").write_text("print('{}')\n")
+    f = tmp_path / "wf.yaml"
+    f.write_text(yaml.safe_dump({"resources": {"jobs": {"x": job}}}))
+    with pytest.raises(ConfigError, match=message):
+        load_workflow(f)
+
+
+@pytest.mark.parametrize("quartz, cron", [
+    ("0 0 3 * * ?", "0 3 * * * 0"),
+    ("0 15 10 ? * MON-FRI", "15 10 * * MON-FRI 0"),
+    ("0 0 12 ? * 2,6", "0 12 * * 1,5 0"),
+    ("*/5 * * * * ?", "* * * * * */5"),
+    ("0 0 8 ? * 6#3", "0 8 * * 5#3 0"),
+])
+def test_quartz_expressions_translate(quartz, cron):
+    assert quartz_to_cron(quartz) == cron
+
+
+def test_bad_quartz_is_a_config_error():
+    with pytest.raises(ConfigError):
+        quartz_to_cron("0 0 3 * *")
+
+
+TASK = '''
+import json, os, sys, time
+args = sys.argv[1:]
+name = args[0]
+marker = os.path.join(os.path.dirname(__file__), name + ".count")
+n = int(open(marker).read()) + 1 if os.path.exists(marker) else 1
+open(marker, "w").write(str(n))
+if name == "flaky" and n == 1:
+    sys.exit(3)                      # fails once, then succeeds on retry
+if name == "broken" and not os.path.exists(os.path.join(os.path.dirname(__file__), "fixed")):
+    sys.exit(4)
+if name == "slow":
+    time.sleep(60)
+print("noise on stdout")
+print(json.dumps({"task": name, "got": args[1:], "attempt": n}))
+'''
+
+
+def toy_workflow(tmp_path: Path, tasks: list[dict]) -> Path:
+    (tmp_path / "task.py").write_text(TASK)
+    f = tmp_path / "wf.yaml"
+    f.write_text(yaml.safe_dump({"resources": {"jobs": {"toy": {"name": "toy", "tasks": tasks}}}}))
+    return f
+
+
+def task(key, params, deps=(), **kw):
+    return {"task_key": key, "depends_on": [{"task_key": d} for d in deps],
+            "spark_python_task": {"python_file": "task.py", "parameters": params}, **kw}
+
+
+@pytest.mark.slow
+def test_runner_retries_hands_values_downstream_and_records_the_run(tmp_path, cfg_factory):
+    f = toy_workflow(tmp_path, [
+        task("first", ["flaky"], max_retries=1),
+        task("second", ["second", "{{tasks.first.values.task}}-{{tasks.first.values.attempt}}"], ["first"]),
+    ])
+    cfg = cfg_factory("spark.master=local[1]")
+    record = WorkflowRunner(cfg, load_workflow(f), [], ["train.epochs=1"]).run()
+    assert record.status == "SUCCESS"
+    assert [a["status"] for a in record.tasks["first"]["attempts"]] == ["FAILED", "SUCCESS"]
+    assert record.tasks["second"]["values"]["got"][0] == "flaky-2"
+    assert "--set" in record.tasks["second"]["values"]["got"]  # the runner hands --set to every task
+    assert [r.run_id for r in list_runs(cfg)] == [record.run_id]
+
+
+@pytest.mark.slow
+def test_failure_stops_dependents_and_repair_reruns_from_the_failed_task(tmp_path, cfg_factory):
+    f = toy_workflow(tmp_path, [
+        task("a", ["a"]), task("b", ["broken"], ["a"]), task("c", ["c"], ["b"]), task("d", ["d"], ["a"]),
+    ])
+    cfg = cfg_factory("spark.master=local[1]")
+    wf = load_workflow(f)
+    failed = WorkflowRunner(cfg, wf, [], []).run()
+    assert failed.status == "FAILED"
+    assert failed.tasks["b"]["status"] == "FAILED" and failed.tasks["c"]["status"] == "UPSTREAM_FAILED"
+    assert failed.tasks["d"]["status"] == "SUCCESS"
+    (tmp_path / "fixed").write_text("")
+    repaired = WorkflowRunner(cfg, wf, [], []).run(repair_from="b")
+    assert repaired.run_id == failed.run_id and repaired.status == "SUCCESS"
+    assert repaired.tasks["a"]["status"] == "REUSED"
+    assert (tmp_path / "a.count").read_text() == "1"  # a did not run again
+    assert len(repaired.tasks["b"]["attempts"]) == 2
+
+
+@pytest.mark.slow
+def test_timeout_kills_the_task(tmp_path, cfg_factory):
+    f = toy_workflow(tmp_path, [task("s", ["slow"], timeout_seconds=8)])
+    t0 = time.monotonic()
+    record = WorkflowRunner(cfg_factory(), load_workflow(f), [], []).run()
+    assert record.status == "FAILED" and record.tasks["s"]["status"] == "TIMEDOUT"
+    assert time.monotonic() - t0 < 40
+
+
+def test_cli_exit_codes_and_runs_listing(tmp_path):
+    f = toy_workflow(tmp_path, [task("a", ["a"]), task("b", ["broken"], ["a"])])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = ["--set", f"paths.runs_root={tmp_path}/runs", "--set", "spark.master=local[1]"]
+    res = subprocess.run([sys.executable, "-m", "pipelines.cli", "workflow", "run", str(f), *base],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 1
+    assert "task 'b' failed" in res.stderr and "b.attempt1.log" in res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["status"] == "FAILED"
+    listed = subprocess.run([sys.executable, "-m", "pipelines.cli", "workflow", "runs", *base],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert "toy" in listed.stdout and "FAILED" in listed.stdout
+
+
+@pytest.mark.slow
+def test_scheduler_fires_never_overlaps_and_stops_on_sigterm(tmp_path):
+    (tmp_path / "task.py").write_text(TASK)
+    f = tmp_path / "wf.yaml"
+    f.write_text(yaml.safe_dump({"resources": {"jobs": {"tick": {
+        "name": "tick", "schedule": {"quartz_cron_expression": "*/2 * * * * ?", "timezone_id": "UTC"},
+        "tasks": [task("slow", ["slow"])]}}}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "workflow", "schedule", str(f),
+                             "--set", f"paths.runs_root={tmp_path}/runs"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "slow.count").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(5)  # several fire times pass while the first run is still going: no second run starts
+    assert (tmp_path / "slow.count").read_text() == "1"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "next fire times:" in err and "scheduler stopped after 1 run(s)" in err
+    records = list((tmp_path / "runs" / "workflows" / "tick").glob("*/record.json"))
+    assert len(records) == 1
+    record = json.loads(records[0].read_text())
+    assert record["trigger"] == "schedule" and record["status"] == "CANCELLED"
