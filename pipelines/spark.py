@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -32,8 +33,21 @@ def spark_conf(cfg: Config) -> dict[str, str]:
     for key, value in EXECUTOR_ENV.items():
         conf[f"spark.executorEnv.{key}"] = value
     conf["spark.executorEnv.SPARKVISION_VERBOSE"] = os.environ.get("SPARKVISION_VERBOSE", "0")
+    slots = _local_slots(cfg.spark.master)
+    if slots:  # local[N]: N Python workers share this machine's cores
+        conf["spark.executorEnv.SPARKVISION_TF_THREADS"] = str(max(1, (os.cpu_count() or 1) // slots))
     conf.update(cfg.spark.extra_conf)
     return conf
+
+
+def _local_slots(master: str) -> int:
+    """N for local[N] (cores for local[*]), 0 for a cluster master."""
+    m = re.fullmatch(r"local(?:\[(\d+|\*)(?:,\d+)?\])?", master)
+    if not m:
+        return 0
+    if m.group(1) is None:
+        return 1
+    return (os.cpu_count() or 1) if m.group(1) == "*" else int(m.group(1))
 
 
 def get_spark(cfg: Config) -> SparkSession:

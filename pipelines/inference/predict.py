@@ -35,7 +35,15 @@ def load_keras_model(uri: str, tracking_uri: str | None = None):
     if uri not in _MODELS:
         os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
         import mlflow
+        import tensorflow as tf
 
+        threads = int(os.environ.get("SPARKVISION_TF_THREADS", "0"))
+        if threads:  # several Python workers share the machine: one core's worth each
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(threads)
+            except RuntimeError:
+                pass  # TensorFlow already initialized in this process
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
             mlflow.set_registry_uri(tracking_uri)
@@ -43,9 +51,17 @@ def load_keras_model(uri: str, tracking_uri: str | None = None):
     return _MODELS[uri]
 
 
+_CALLS: dict[int, object] = {}
+
+
 def predict_pixels(model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """Class probabilities for uint8 pixels (n, H, W, C), in batches of `batch_size`."""
-    out = [model(pixels[i:i + batch_size], training=False).numpy() for i in range(0, len(pixels), batch_size)]
+    """Class probabilities for uint8 pixels (n, H, W, C), in batches of `batch_size` (one compiled graph)."""
+    import tensorflow as tf
+
+    call = _CALLS.get(id(model))
+    if call is None:
+        call = _CALLS[id(model)] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    out = [call(tf.constant(pixels[i:i + batch_size])).numpy() for i in range(0, len(pixels), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

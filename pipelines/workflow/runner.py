@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,8 +64,23 @@ def list_runs(cfg: Config) -> list[RunRecord]:
     return sorted(records, key=lambda r: r.started)
 
 
-class Cancelled(Exception):
-    pass
+class StageEcho:
+    """Shows a running task's own stage lines (`[train] epoch 3/12 ...`) as they are written to its log."""
+
+    PATTERN = re.compile(r"^\[(ingest|train|evaluate|infer)\] ")
+
+    def __init__(self, log: Path):
+        self.log, self.pos = log, 0
+
+    def poll(self) -> None:
+        with open(self.log, "rb") as fh:
+            fh.seek(self.pos)
+            chunk = fh.read()
+        end = chunk.rfind(b"\n") + 1
+        self.pos += end
+        for line in chunk[:end].decode(errors="replace").splitlines():
+            if self.PATTERN.match(line):
+                print("  " + line, file=sys.stderr, flush=True)
 
 
 class WorkflowRunner:
@@ -115,7 +131,9 @@ class WorkflowRunner:
             self._proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True, cwd=os.getcwd())
             deadline = time.monotonic() + timeout if timeout else None
+            echo = StageEcho(log)
             while self._proc.poll() is None:
+                echo.poll()
                 if self._cancel.is_set():
                     self._stop(self._proc)
                     return CANCELLED, None
@@ -124,6 +142,7 @@ class WorkflowRunner:
                     fh.write(f"\n[workflow] killed after timeout_seconds={timeout}\n")
                     return TIMED_OUT, None
                 time.sleep(self.cfg.workflow.poll_seconds)
+        echo.poll()
         code = self._proc.returncode
         if self._cancel.is_set():  # stopped by cancel() (SIGTERM to the scheduler), not a task failure
             return CANCELLED, code

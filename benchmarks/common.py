@@ -1,0 +1,29 @@
+"""Helpers shared by the benchmark scripts: quiet environment, timing, printing side by side."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+BENCH_DIR = ROOT / "var" / "bench"
+
+
+@contextmanager
+def timed(box: dict, key: str):
+    t0 = time.perf_counter()
+    yield
+    box[key] = time.perf_counter() - t0
+
+
+def report(title: str, rows: list[tuple[str, float, str]], ratio_name: str, ratio: float, goal: float) -> None:
+    print(f"\n== {title}")
+    for name, value, unit in rows:
+        print(f"  {name:<48} {value:>10.1f} {unit}")
+    verdict = "meets" if ratio >= goal else "MISSES"
+    print(f"  {ratio_name:<48} {ratio:>10.2f}x  ({verdict} the goal of {goal}x)")

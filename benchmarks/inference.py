@@ -1,0 +1,86 @@
+"""Batch inference: Spark (local[2], the infer job's predict() over Parquet, written to Parquet) vs in-process
+model.predict on the same rows held in memory, same model, same cores, side by side in one run.
+
+    .venv/bin/python benchmarks/inference.py [--rows 60000]
+
+Goal: Spark >= 0.8x the in-memory images/s.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+
+from common import BENCH_DIR, ROOT, report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch-size", type=int, default=512)
+    args = ap.parse_args()
+
+    from pipelines.config import load_config
+    from pipelines.console import hush, quiet_libraries
+
+    quiet_libraries(False)
+    import mlflow
+    import numpy as np
+    import pyarrow.parquet as pq
+    from mlflow.models import infer_signature
+
+    from pipelines import tracking
+    from pipelines.dataset.contract import resolve_dataset
+    from pipelines.inference.predict import load_keras_model, predict
+    from pipelines.ingest.job import run_ingest
+    from pipelines.models import build_model
+    from pipelines.spark import get_spark
+
+    shutil.rmtree(BENCH_DIR / "infer", ignore_errors=True)
+    cfg = load_config([ROOT / "conf/local.yaml"], [
+        f"paths.datasets_root={BENCH_DIR}/datasets", "ingest.name=bench_fmnist",
+        f"mlflow.tracking_uri=sqlite:///{BENCH_DIR}/infer/mlflow.db",
+        f"mlflow.artifact_location={BENCH_DIR}/infer/mlartifacts", "mlflow.registered_model=bench_model"])
+    spark = get_spark(cfg)
+    try:
+        ds = resolve_dataset(cfg.paths.datasets_root, "bench_fmnist")
+    except Exception:
+        run_ingest(spark, cfg)
+        ds = resolve_dataset(cfg.paths.datasets_root, "bench_fmnist")
+    m = ds.manifest()
+    # The cost of inference does not depend on the weights: an untrained mnist_cnn, logged like train does.
+    model = build_model("mnist_cnn", m.shape, m.num_classes, m.mean, m.std)
+    example = np.zeros((1, *m.shape), np.uint8)
+    with tracking.run(cfg, "bench"), hush():
+        info = mlflow.tensorflow.log_model(model, name="model", signature=infer_signature(example, model.predict(example, verbose=0)),
+                                           metadata={"label_names": m.label_names, "shape": list(m.shape)})
+        version = mlflow.register_model(info.model_uri, "bench_model").version
+    uri = f"models:/bench_model/{version}"
+
+    split = ds.split_path("train")
+    rows = pq.read_metadata(next(split.glob("*.parquet"))).num_rows and sum(
+        pq.read_metadata(f).num_rows for f in split.glob("*.parquet"))
+    # Spark: read Parquet, score on the executors, write Parquet (what `sparkvision infer` does)
+    spark.read.parquet(split.as_uri()).limit(1000).count()  # warm the JVM
+    out = BENCH_DIR / "infer" / "preds"
+    t0 = time.perf_counter()
+    predict(spark.read.parquet(split.as_uri()).select("id", "image"), uri, batch_size=args.batch_size) \
+        .write.mode("overwrite").parquet(out.as_uri())
+    spark_s = time.perf_counter() - t0
+    spark.stop()
+
+    # In memory: the same rows as one numpy array, model.predict in this process
+    table = pq.read_table(split, columns=["image"])
+    x = np.frombuffer(b"".join(table.column("image").to_pylist()), np.uint8).reshape(-1, *m.shape)
+    net = load_keras_model(uri)
+    net.predict(x[:args.batch_size], batch_size=args.batch_size, verbose=0)  # warm-up
+    t0 = time.perf_counter()
+    net.predict(x, batch_size=args.batch_size, verbose=0)
+    mem_s = time.perf_counter() - t0
+    report(f"batch inference, mnist_cnn, {rows} Fashion-MNIST images, batch {args.batch_size}, 2 cores",
+           [("in-process model.predict on numpy in memory", rows / mem_s, "images/s"),
+            ("Spark local[2]: Parquet -> predict() -> Parquet", rows / spark_s, "images/s")],
+           "Spark / in-memory", mem_s / spark_s, 0.8)
+
+
+if __name__ == "__main__":
+    main()

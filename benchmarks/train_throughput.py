@@ -1,0 +1,95 @@
+"""Training throughput: plain model.fit on in-memory numpy vs the pipeline (petastorm -> Horovod) with 1 and 2
+workers, same model, same per-worker batch size, same cores, measured side by side in one run.
+
+    .venv/bin/python benchmarks/train_throughput.py [--model mnist_cnn] [--batch-size 128] [--epochs 2]
+
+Goals: 1 worker >= 0.9x the in-memory images/s; 2 workers not slower in total than 1; input wait < 5%.
+Figures are taken from the last epoch (the first one includes graph tracing in both).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+
+from common import BENCH_DIR, ROOT, report
+
+
+def in_memory_fit(manifest, train_dir, model_name: str, batch: int, epochs: int) -> float:
+    """Images/s of keras model.fit on numpy arrays held in memory (last epoch)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import tf_keras as keras
+
+    from pipelines.models import build_model
+
+    table = pq.read_table(train_dir, columns=["image", "label"])
+    x = np.frombuffer(b"".join(table.column("image").to_pylist()), np.uint8).reshape(-1, *manifest.shape)
+    y = np.asarray(table.column("label").to_pylist(), np.int32)
+    model = build_model(model_name, manifest.shape, manifest.num_classes, manifest.mean, manifest.std)
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    times = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.t0)
+
+    steps = len(x) // batch
+    model.fit(x[: steps * batch], y[: steps * batch], batch_size=batch, epochs=epochs, verbose=0, callbacks=[Clock()])
+    return steps * batch / times[-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="mnist_cnn")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=2)
+    args = ap.parse_args()
+
+    from pipelines.config import load_config
+    from pipelines.console import quiet_libraries
+
+    quiet_libraries(False)
+    from pipelines.dataset.contract import resolve_dataset
+    from pipelines.ingest.job import run_ingest
+    from pipelines.spark import get_spark
+    from pipelines.train.job import run_train
+
+    shutil.rmtree(BENCH_DIR / "train", ignore_errors=True)
+    base = [f"paths.datasets_root={BENCH_DIR}/datasets", f"paths.checkpoints_root={BENCH_DIR}/train/ckpt",
+            f"mlflow.tracking_uri=sqlite:///{BENCH_DIR}/train/mlflow.db",
+            f"mlflow.artifact_location={BENCH_DIR}/train/mlartifacts", "ingest.name=bench_fmnist",
+            f"train.model={args.model}", f"train.batch_size={args.batch_size}", f"train.epochs={args.epochs}",
+            "train.schedule=constant", "train.warmup_epochs=0", "train.scale_lr=false"]
+    cfg = load_config([ROOT / "conf/local.yaml"], base)
+    spark = get_spark(cfg)
+    try:
+        ds = resolve_dataset(cfg.paths.datasets_root, "bench_fmnist")
+    except Exception:
+        run_ingest(spark, cfg)
+        ds = resolve_dataset(cfg.paths.datasets_root, "bench_fmnist")
+    manifest = ds.manifest()
+
+    results = {}
+    for workers in (1, 2):
+        out = run_train(spark, load_config([ROOT / "conf/local.yaml"], base + [f"train.num_proc={workers}"]))
+        results[workers] = out["metrics"]
+    spark.stop()
+    baseline = in_memory_fit(manifest, ds.split_path("train"), args.model, args.batch_size, args.epochs)
+
+    one, two = results[1], results[2]
+    report(f"training throughput, {args.model}, batch {args.batch_size}/worker, Fashion-MNIST train split, 2 cores",
+           [("in-memory model.fit (numpy)", baseline, "images/s"),
+            ("pipeline, 1 Horovod worker", one["images_per_second"], "images/s"),
+            ("pipeline, 2 Horovod workers (total)", two["images_per_second"], "images/s"),
+            ("input wait, 1 worker", 100 * one["input_wait_fraction"], "% of step time"),
+            ("input wait, 2 workers", 100 * two["input_wait_fraction"], "% of step time")],
+           "1 worker / in-memory", one["images_per_second"] / baseline, 0.9)
+    print(f"  {'2 workers / 1 worker':<48} {two['images_per_second'] / one['images_per_second']:>10.2f}x  (goal >= 1.0x)")
+
+
+if __name__ == "__main__":
+    main()

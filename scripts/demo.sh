@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# make demo: the whole pipeline on the embedded defaults (local Spark, 2 Horovod workers over Gloo, MLflow on
+# SQLite under ./var) as the Databricks-format workflow: ingest -> train -> evaluate (promotion gate) -> infer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONF="${1:-conf/local.yaml}"
+RESULT=$(mktemp)
+trap 'rm -f "$RESULT"' EXIT
+if ! sparkvision workflow run jobs/workflows/fashion_mnist.yaml --conf "$CONF" >"$RESULT"; then
+  echo "demo: the workflow failed (see the task log named above)" >&2
+  exit 1
+fi
+python - "$RESULT" "$CONF" <<'PY'
+import json, sys
+run = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+t = {k: v["values"] for k, v in run["tasks"].items()}
+ev = t["evaluate"]
+print()
+print(f"test accuracy:     {ev['metrics']['accuracy']:.4f} on {ev['rows']} images of {ev['dataset']} "
+      f"(model version {ev['model_version']}: {ev['decision']})")
+print(f"dataset:           {t['ingest']['path']}")
+print(f"model:             {t['train']['model_uri']} (run {t['train']['run_id']})")
+print(f"predictions:       {t['infer']['output']} ({t['infer']['rows_scored']} rows)")
+print(f"workflow run:      {run['run_id']} (sparkvision workflow runs)")
+print(f"MLflow UI:         sparkvision ui --conf {sys.argv[2]}   (then open http://127.0.0.1:5000)")
+PY

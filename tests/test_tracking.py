@@ -1,0 +1,30 @@
+"""MLflow helpers: the run ends FINISHED or FAILED with the error, and relative SQLite paths become absolute."""
+import mlflow
+import pytest
+
+from pipelines import tracking
+
+
+def test_failed_block_marks_the_run_failed_with_the_error(cfg_factory):
+    cfg = cfg_factory()
+    with pytest.raises(ValueError):
+        with tracking.run(cfg, "unit") as active:
+            run_id = active.info.run_id
+            raise ValueError("boom")
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED" and "boom" in run.data.tags["error"]
+
+
+def test_config_is_logged_as_params_and_yaml(cfg_factory):
+    cfg = cfg_factory("train.epochs=7")
+    with tracking.run(cfg, "unit") as active:
+        tracking.log_config(cfg, ("train",))
+    run = mlflow.MlflowClient().get_run(active.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "7"
+    assert "config.yaml" in {a.path for a in mlflow.MlflowClient().list_artifacts(active.info.run_id)}
+
+
+def test_relative_sqlite_uri_is_made_absolute(cfg_factory, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_factory("mlflow.tracking_uri=sqlite:///rel/mlflow.db")
+    assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path}/rel/mlflow.db"

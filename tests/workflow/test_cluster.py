@@ -1,0 +1,71 @@
+"""Cluster mode for real: a Spark standalone master, 2 workers and an MLflow tracking server on 127.0.0.1, the
+whole workflow through spark-submit, then the registered model and predictions are checked; everything is torn
+down, also when something fails."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.workflow.cluster import _alive, cluster_down, cluster_up
+from tests.conftest import make_config
+from tests.fixtures import write_idx_slice
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path):
+    ports = {"master": free_port(), "ui": free_port(), "mlflow": free_port()}
+    src = write_idx_slice(tmp_path / "idx", train=1500, test=300)
+    overrides = [
+        f"cluster.state_dir={tmp_path}/cluster", f"cluster.master_port={ports['master']}",
+        f"cluster.master_webui_port={ports['ui']}", f"cluster.mlflow_port={ports['mlflow']}",
+        "cluster.worker_memory=2g",
+        f"spark.master=spark://127.0.0.1:{ports['master']}", "spark.executor_memory=1500m", "spark.driver_memory=2g",
+        f"mlflow.tracking_uri=http://127.0.0.1:{ports['mlflow']}",
+        f"paths.datasets_root={tmp_path}/shared/datasets", f"paths.checkpoints_root={tmp_path}/shared/checkpoints",
+        f"paths.runs_root={tmp_path}/runs", f"paths.predictions_root={tmp_path}/shared/predictions",
+        f"ingest.source.path={src}", "ingest.row_group_rows=150", "ingest.files_per_split=2",
+        "train.epochs=3", "train.batch_size=32", "train.warmup_epochs=0", "train.width=0.5",
+        "evaluate.threshold=0.3",
+    ]
+    cfg = make_config(tmp_path, *overrides)
+    info = cluster_up(cfg)
+    pids = list(info["pids"].values())
+    try:
+        assert info["workers"] == 2 and len(pids) == 4  # master, 2 workers, MLflow server
+        cmd = [sys.executable, "-m", "pipelines.cli", "workflow", "run", str(ROOT / "jobs/workflows/fashion_mnist.yaml"),
+               "--conf", str(ROOT / "conf/cluster.yaml"), *[x for o in overrides for x in ("--set", o)]]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1500,
+                             env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+        assert res.returncode == 0, res.stderr[-3000:]
+        run = json.loads(res.stdout.strip().splitlines()[-1])
+        values = {k: v["values"] for k, v in run["tasks"].items()}
+        assert values["train"]["workers"] == 2
+        assert values["evaluate"]["decision"] == "champion"
+
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{ports['mlflow']}")
+        champion = client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion")
+        assert str(champion.version) == values["train"]["version"]
+        train_run = client.get_run(values["train"]["run_id"])
+        assert train_run.data.tags["spark_master"] == f"spark://127.0.0.1:{ports['master']}"
+        assert len(client.get_metric_history(values["train"]["run_id"], "val_accuracy")) == 3
+        preds = pq.read_table(values["infer"]["output"]).to_pandas()
+        assert len(preds) == values["infer"]["rows_scored"] == values["evaluate"]["rows"]
+        assert set(preds["model_version"]) == {values["train"]["version"]}
+    finally:
+        cluster_down(cfg)
+    assert not any(_alive(p) for p in pids)
