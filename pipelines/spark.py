@@ -56,7 +56,8 @@ def get_spark(cfg: Config) -> SparkSession:
         os.environ.setdefault(key, value)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(cfg.spark.app_name)
-    if cfg.spark.master != "databricks" and "SPARK_SUBMIT_MASTER" not in os.environ:
+    # Under spark-submit (which sets PYSPARK_GATEWAY_PORT) its --master decides; otherwise the config does.
+    if cfg.spark.master != "databricks" and "PYSPARK_GATEWAY_PORT" not in os.environ:
         builder = builder.master(cfg.spark.master)
     for key, value in spark_conf(cfg).items():
         builder = builder.config(key, value)

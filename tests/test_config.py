@@ -29,6 +29,8 @@ def test_overlays_then_overrides_win_in_order(tmp_path):
 def test_every_shipped_overlay_is_valid():
     for name in ("local", "cluster", "databricks"):
         load_config([ROOT / f"conf/{name}.yaml"])
+    for profile in (ROOT / "conf/profiles").glob("*.yaml"):
+        load_config([ROOT / "conf/local.yaml", profile])
 
 
 @pytest.mark.parametrize("overrides, message", [
