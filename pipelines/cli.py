@@ -89,13 +89,15 @@ def _run_job(name: str, cfg: Config, args: argparse.Namespace) -> int:
 
 def _run_other(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "ui":
+        import os
+
         from pipelines.tracking import tracking_uri
-        import subprocess
 
         uri = tracking_uri(cfg)
         print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C stops it", file=sys.stderr)
-        return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                                "--host", "127.0.0.1", "--port", str(args.port)])
+        # Become the MLflow server process, so a signal to this PID stops the server itself.
+        os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                                  "--host", "127.0.0.1", "--port", str(args.port)])
     if args.command == "workflow":
         return _load("pipelines.workflow.cli:workflow_command")(args, cfg)
     if args.command == "cluster":

@@ -70,6 +70,6 @@ def alias_version(name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
