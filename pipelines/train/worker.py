@@ -182,6 +182,11 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
                 correct_sum += correct
             seconds = time.perf_counter() - t_epoch
             steps_run += steps
+            # Horovod: BatchNorm moving statistics are updated locally, not by the optimizer; average them so
+            # every worker (and the saved model) holds the same statistics.
+            for var in model.non_trainable_variables:
+                if var.dtype.is_floating:
+                    var.assign(hvd.allreduce(var, op=hvd.Average))
             # Horovod: average the epoch's metrics over all workers (MetricAverageCallback fails under tf-keras).
             loss_avg, acc_avg, wait_avg, sec_max = [float(v) for v in hvd.allreduce(
                 tf.stack([loss_sum / steps, correct_sum / (steps * spec.batch_size), waited / seconds, seconds]),

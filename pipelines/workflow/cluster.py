@@ -45,11 +45,19 @@ def _start(name: str, cmd: list[str], state: Path, env: dict[str, str]) -> tuple
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie is not: it is reaped here when it is our own child)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
     try:
         os.kill(pid, 0)
-        return True
     except OSError:
         return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def cluster_up(cfg: Config, workers: int | None = None) -> dict:
