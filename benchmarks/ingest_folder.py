@@ -57,7 +57,7 @@ def plain_loop(files, out, size: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--images", type=int, default=4000)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--skip-idx", action="store_true")
     args = ap.parse_args()

@@ -1,9 +1,11 @@
 """The one place a SparkSession is built from config."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
+from typing import Iterator
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -71,3 +73,19 @@ def get_spark(cfg: Config) -> SparkSession:
     # WARN with --verbose; errors only by default, so a run prints one line per stage.
     spark.sparkContext.setLogLevel("WARN" if os.environ.get("SPARKVISION_VERBOSE") == "1" else "ERROR")
     return spark
+
+
+@contextlib.contextmanager
+def scoped_conf(spark: SparkSession, settings: dict[str, str]) -> Iterator[None]:
+    """Session settings for one job only: previous values come back afterwards (a notebook's session too)."""
+    previous = {k: spark.conf.get(k, None) for k in settings}
+    for k, v in settings.items():
+        spark.conf.set(k, v)
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)

@@ -43,7 +43,6 @@ def read_files_input(spark: SparkSession, cfg: Config, shape: tuple[int, int, in
     path = cfg.infer.input
     if not path:
         raise PipelineError("infer.input_type=files needs infer.input (a folder or a glob of image files)")
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
     from pipelines.images import IMAGE_EXTENSIONS
 
     reader = spark.read.format("binaryFile")
@@ -86,6 +85,14 @@ def _write_atomically(df: DataFrame, quarantine: DataFrame | None, output: Path,
 
 def run_infer(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     """Score the configured input with the configured model (default: the champion) and write Parquet."""
+    from pipelines.ingest.job import file_source_settings
+    from pipelines.spark import scoped_conf
+
+    with scoped_conf(spark, file_source_settings(cfg) if cfg.infer.input_type == "files" else {}):
+        return _infer(spark, cfg)
+
+
+def _infer(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     started = time.perf_counter()
     tracking.configure(cfg)
     ic = cfg.infer

@@ -18,6 +18,7 @@ from pipelines.images import ImageSpec
 from pipelines.ingest import prepare, sources
 from pipelines.ingest.publish import Staging, parquet_row_groups
 from pipelines.ingest.validate import decode_candidates
+from pipelines.spark import scoped_conf
 
 ROW_OVERHEAD_BYTES = 120  # id, label, paths and hash next to the pixels, for sizing row groups
 
@@ -31,8 +32,6 @@ def read_source(spark: SparkSession, cfg: Config) -> sources.Candidates:
     src = cfg.ingest.source
     if src.type == "idx":
         return sources.idx_source(spark, src.path, src.label_names, max(2, cfg.spark.shuffle_partitions))
-    # Photos are large: keep Arrow batches small so a batch of raw files fits in an executor's memory.
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(min(cfg.spark.arrow_batch_size, 64)))
     if src.type == "folder":
         return sources.folder_source(spark, src.path)
     return sources.table_source(spark, src.path, src.path_column, src.label_column)
@@ -47,8 +46,25 @@ def content_digest(splits: DataFrame, spec: ImageSpec, label_names: list[str]) -
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+def file_source_settings(cfg: Config) -> dict[str, str]:
+    """Session settings while reading raw image files (restored when the job ends)."""
+    return {
+        # Photos are large: small Arrow batches, so a batch of raw files fits in a Python worker's memory.
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(min(cfg.spark.arrow_batch_size, 64)),
+        # Spark plans file splits as if each file cost 4 MB to open: for small photos that is one task per
+        # ~30 files. Count 64 KB, so tasks hold hundreds of photos each.
+        "spark.sql.files.openCostInBytes": str(64 * 1024),
+    }
+
+
 def run_ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     """Read the configured source, validate and normalize on the executors, publish a new dataset version."""
+    settings = file_source_settings(cfg) if cfg.ingest.source.type != "idx" else {}
+    with scoped_conf(spark, settings):
+        return _ingest(spark, cfg)
+
+
+def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     started = time.perf_counter()
     spec = image_spec(cfg)
     ic = cfg.ingest

@@ -98,3 +98,9 @@ def test_a_failing_worker_fails_the_run_without_hanging(spark, small):
 def test_resume_of_unknown_run_is_a_clear_error(spark, small):
     with pytest.raises(PipelineError, match="no such MLflow run"):
         run_train(spark, cfg_for(small), resume="0123456789abcdef")
+
+
+def test_batch_norm_statistics_stay_identical_across_workers(spark, small):
+    """BatchNorm moving statistics are not gradients: without averaging, the ranks' weights drift apart."""
+    out = run_train(spark, cfg_for(small, "train.model=small_resnet", "train.width=0.25", "train.epochs=1"))
+    assert out["weights_in_sync"] and out["workers"] == 2
