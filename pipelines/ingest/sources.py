@@ -1,7 +1,8 @@
 """Sources: each returns a DataFrame of candidate images, one row per image file (or IDX record).
 
 Columns: path (string), label (string or null), source_split (string: 'test' when the source brings its own
-test set, else null), content (binary: the file's bytes, or raw pixels for IDX), raw_height / raw_width
+test set, else null), content (binary: the file's bytes, raw pixels for IDX, or null when the Python workers
+read the file at `path` themselves), raw_height / raw_width
 (int: set only when content is already raw grayscale pixels). Pixels stay on the executors.
 """
 from __future__ import annotations
@@ -203,12 +204,15 @@ def folder_source(spark: SparkSession, root: str) -> Candidates:
     not_images = listed.select("path").where(~is_image).count()
     rel = F.expr(f"substring(path, {len(prefix) + 2})")
     parts = F.split(rel, "/")
+    # Local (or mounted) files are read by the Python workers themselves: shipping the bytes JVM -> Arrow ->
+    # Python costs more than decoding them. Other filesystems (s3a, hdfs, ...) go through binaryFile's content.
+    local = prefix.startswith("file:")
     rows = (listed.where(is_image)
             .select(
                 F.col("path"),
                 F.when(F.size(parts) > 1, parts.getItem(0)).alias("label"),
                 F.lit(None).cast("string").alias("source_split"),
-                F.col("content"),
+                F.lit(None).cast("binary").alias("content") if local else F.col("content"),
                 F.lit(None).cast("int").alias("raw_height"),
                 F.lit(None).cast("int").alias("raw_width")))
     skipped = {"hidden": hidden, "not_image_extension": not_images}
@@ -227,23 +231,9 @@ def table_source(spark: SparkSession, path: str, path_column: str, label_column:
     if missing:
         raise PipelineError(f"table {path} has no column {missing[0]!r} (columns: {', '.join(table.columns)})")
 
-    def read_files(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for batch in batches:
-            contents = []
-            for p in batch["path"]:
-                local = p[len("file:"):] if isinstance(p, str) and p.startswith("file:") else p
-                try:
-                    with open(local, "rb") as fh:
-                        contents.append(fh.read())
-                except (OSError, TypeError):
-                    contents.append(None)  # quarantined later as missing_file
-            batch["content"] = contents
-            batch["source_split"] = None
-            batch["raw_height"] = None
-            batch["raw_width"] = None
-            yield batch[["path", "label", "source_split", "content", "raw_height", "raw_width"]]
-
     listed = table.select(F.col(path_column).cast("string").alias("path"),
                           F.col(label_column).cast("string").alias("label"))
-    rows = listed.mapInPandas(read_files, RAW_SCHEMA)
+    rows = listed.select("path", "label", F.lit(None).cast("string").alias("source_split"),
+                         F.lit(None).cast("binary").alias("content"),  # read by the Python workers
+                         F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
     return Candidates(rows, {}, {"type": "table", "path": path})

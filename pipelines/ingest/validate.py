@@ -26,6 +26,17 @@ DECODED_SCHEMA = T.StructType([
 ])
 
 
+def read_local(path: str) -> bytes | None:
+    """A file's bytes read by this Python worker (`file:` URLs and plain paths), or None when unreadable."""
+    local = path[len("file:"):] if path.startswith("file:") else path
+    local = "/" + local.lstrip("/") if path.startswith("file:") else local
+    try:
+        with open(local, "rb") as fh:
+            return fh.read()
+    except (OSError, TypeError):
+        return None
+
+
 def decode_row(content: bytes | None, raw_height, raw_width, spec: ImageSpec) -> np.ndarray:
     """One candidate's canonical pixels: raw IDX pixels are reshaped, file bytes are decoded."""
     if content is None:
@@ -41,7 +52,7 @@ def decode_batches(batches: Iterator[pd.DataFrame], spec: ImageSpec) -> Iterator
     for batch in batches:
         out = {name: [] for name in DECODED_SCHEMA.names}
         for row in batch.itertuples(index=False):
-            content = row.content
+            content = row.content if row.content is not None else read_local(row.path)
             out["path"].append(row.path)
             out["label"].append(row.label)
             out["source_split"].append(row.source_split)
