@@ -27,3 +27,16 @@ def report(title: str, rows: list[tuple[str, float, str]], ratio_name: str, rati
         print(f"  {name:<48} {value:>10.1f} {unit}")
     verdict = "meets" if ratio >= goal else "MISSES"
     print(f"  {ratio_name:<48} {ratio:>10.2f}x  ({verdict} the goal of {goal}x)")
+
+
+def bench_dataset(spark, cfg):
+    """The benchmarks' Fashion-MNIST dataset (ingest.name in cfg), ingested on first use."""
+    from pipelines.dataset.contract import resolve_dataset
+    from pipelines.errors import PipelineError
+    from pipelines.ingest.job import run_ingest
+
+    try:
+        return resolve_dataset(cfg.paths.datasets_root, cfg.ingest.name)
+    except PipelineError:
+        run_ingest(spark, cfg)
+        return resolve_dataset(cfg.paths.datasets_root, cfg.ingest.name)

@@ -11,7 +11,7 @@ import argparse
 import shutil
 import time
 
-from common import BENCH_DIR, ROOT, report
+from common import BENCH_DIR, ROOT, bench_dataset, report
 
 
 def main() -> None:
@@ -29,9 +29,7 @@ def main() -> None:
     from mlflow.models import infer_signature
 
     from pipelines import tracking
-    from pipelines.dataset.contract import resolve_dataset
     from pipelines.inference.predict import load_keras_model, predict
-    from pipelines.ingest.job import run_ingest
     from pipelines.models import build_model
     from pipelines.spark import get_spark
 
@@ -41,11 +39,7 @@ def main() -> None:
         f"mlflow.tracking_uri=sqlite:///{BENCH_DIR}/infer/mlflow.db",
         f"mlflow.artifact_location={BENCH_DIR}/infer/mlartifacts", "mlflow.registered_model=bench_model"])
     spark = get_spark(cfg)
-    try:
-        ds = resolve_dataset(cfg.paths.datasets_root, "bench_fmnist")
-    except Exception:
-        run_ingest(spark, cfg)
-        ds = resolve_dataset(cfg.paths.datasets_root, "bench_fmnist")
+    ds = bench_dataset(spark, cfg)
     m = ds.manifest()
     # The cost of inference does not depend on the weights: an untrained mnist_cnn, logged like train does.
     model = build_model("mnist_cnn", m.shape, m.num_classes, m.mean, m.std)

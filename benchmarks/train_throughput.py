@@ -12,7 +12,7 @@ import argparse
 import shutil
 import time
 
-from common import BENCH_DIR, ROOT, report
+from common import BENCH_DIR, ROOT, bench_dataset, report
 
 
 def in_memory_fit(manifest, train_dir, model_name: str, batch: int, epochs: int) -> float:
@@ -53,8 +53,6 @@ def main() -> None:
     from pipelines.console import quiet_libraries
 
     quiet_libraries(False)
-    from pipelines.dataset.contract import resolve_dataset
-    from pipelines.ingest.job import run_ingest
     from pipelines.spark import get_spark
     from pipelines.train.job import run_train
 
@@ -66,11 +64,7 @@ def main() -> None:
             "train.schedule=constant", "train.warmup_epochs=0", "train.scale_lr=false"]
     cfg = load_config([ROOT / "conf/local.yaml"], base)
     spark = get_spark(cfg)
-    try:
-        ds = resolve_dataset(cfg.paths.datasets_root, "bench_fmnist")
-    except Exception:
-        run_ingest(spark, cfg)
-        ds = resolve_dataset(cfg.paths.datasets_root, "bench_fmnist")
+    ds = bench_dataset(spark, cfg)
     manifest = ds.manifest()
 
     results = {}
