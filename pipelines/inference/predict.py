@@ -61,7 +61,13 @@ def predict_pixels(model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
     call = _CALLS.get(id(model))
     if call is None:
         call = _CALLS[id(model)] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    out = [call(tf.constant(pixels[i:i + batch_size])).numpy() for i in range(0, len(pixels), batch_size)]
+    out = []
+    for i in range(0, len(pixels), batch_size):
+        chunk = pixels[i:i + batch_size]
+        n = len(chunk)
+        if n < batch_size:  # pad the ragged last batch: one graph shape, no retracing per partition
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+        out.append(call(tf.constant(chunk)).numpy()[:n])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

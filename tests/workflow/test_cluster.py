@@ -57,7 +57,8 @@ def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path):
 
         from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{ports['mlflow']}")
+        server = f"http://127.0.0.1:{ports['mlflow']}"
+        client = MlflowClient(tracking_uri=server, registry_uri=server)  # not the global URI of earlier tests
         champion = client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion")
         assert str(champion.version) == values["train"]["version"]
         train_run = client.get_run(values["train"]["run_id"])
