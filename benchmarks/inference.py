@@ -17,6 +17,7 @@ from common import BENCH_DIR, ROOT, bench_dataset, report
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--set", action="append", default=[], dest="overrides", help="config override, e.g. spark.master=local[1]")
     args = ap.parse_args()
 
     from pipelines.config import load_config
@@ -37,7 +38,7 @@ def main() -> None:
     cfg = load_config([ROOT / "conf/local.yaml"], [
         f"paths.datasets_root={BENCH_DIR}/datasets", "ingest.name=bench_fmnist",
         f"mlflow.tracking_uri=sqlite:///{BENCH_DIR}/infer/mlflow.db",
-        f"mlflow.artifact_location={BENCH_DIR}/infer/mlartifacts", "mlflow.registered_model=bench_model"])
+        f"mlflow.artifact_location={BENCH_DIR}/infer/mlartifacts", "mlflow.registered_model=bench_model", *args.overrides])
     spark = get_spark(cfg)
     ds = bench_dataset(spark, cfg)
     m = ds.manifest()
