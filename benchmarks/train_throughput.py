@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--model", default="mnist_cnn")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], dest="overrides", help="config override, e.g. train.fp16_allreduce=true")
     args = ap.parse_args()
 
     from pipelines.config import load_config
@@ -61,7 +62,7 @@ def main() -> None:
             f"mlflow.tracking_uri=sqlite:///{BENCH_DIR}/train/mlflow.db",
             f"mlflow.artifact_location={BENCH_DIR}/train/mlartifacts", "ingest.name=bench_fmnist",
             f"train.model={args.model}", f"train.batch_size={args.batch_size}", f"train.epochs={args.epochs}",
-            "train.schedule=constant", "train.warmup_epochs=0", "train.scale_lr=false"]
+            "train.schedule=constant", "train.warmup_epochs=0", "train.scale_lr=false", *args.overrides]
     cfg = load_config([ROOT / "conf/local.yaml"], base)
     spark = get_spark(cfg)
     ds = bench_dataset(spark, cfg)

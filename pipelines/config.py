@@ -110,6 +110,7 @@ class TrainConfig:
     shuffle_buffer: int
     seed: int
     mixed_precision: Literal["auto", "on", "off"]
+    fp16_allreduce: bool
     timeout_s: int
 
 

@@ -96,7 +96,7 @@ def worker_spec(cfg: Config, ds: DatasetVersion, manifest: Manifest, run_id: str
         schedule=t.schedule, warmup_epochs=t.warmup_epochs, epochs=t.epochs, batch_size=t.batch_size,
         early_stopping_patience=t.early_stopping_patience,
         class_weights=tuple(weights[i] for i in range(manifest.num_classes)) if t.class_weights else (),
-        augment=t.augment, shuffle_buffer=t.shuffle_buffer, seed=t.seed, mixed_precision=t.mixed_precision,
+        augment=t.augment, shuffle_buffer=t.shuffle_buffer, seed=t.seed, mixed_precision=t.mixed_precision, fp16_allreduce=t.fp16_allreduce,
         checkpoint_dir=str(resolve_path(cfg.paths.checkpoints_root) / run_id),
         tracking_uri=tracking.tracking_uri(cfg), run_id=run_id, start_epoch=start_epoch, history=history)
 

@@ -46,6 +46,7 @@ class WorkerSpec:
     tracking_uri: str
     run_id: str
     start_epoch: int = 0
+    fp16_allreduce: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -119,7 +120,8 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     peak = spec.learning_rate * (size if spec.scale_lr else 1)  # Horovod: scale the rate with the global batch
     base = make_optimizer(spec.optimizer, spec.learning_rate, spec.momentum)
     # Horovod: wrap the optimizer so compute_gradients averages the gradients of all workers (allreduce).
-    opt = hvd.DistributedOptimizer(base)
+    compression = hvd.Compression.fp16 if spec.fp16_allreduce else hvd.Compression.none
+    opt = hvd.DistributedOptimizer(base, compression=compression)
     if mixed:
         opt = keras.mixed_precision.LossScaleOptimizer(opt)
     opt.build(model.trainable_variables)
