@@ -42,11 +42,12 @@ def misclassified_png(scored: DataFrame, names: list[str], shape, count: int) ->
     return pngs[0] if pngs else None
 
 
-def evaluate_model(spark: SparkSession, cfg: Config, model_uri: str, split_df: DataFrame, names: list[str]) -> dict:
+def evaluate_model(spark: SparkSession, cfg: Config, model_uri: str, split_df: DataFrame, names: list[str],
+                   shape: tuple[int, int, int]) -> dict:
     scored = score_split(split_df, model_uri, cfg.evaluate.top_k, cfg.infer.batch_size).persist()
     try:
         cm, top_k = confusion(scored, len(names))
-        png = misclassified_png(scored, names, resolve_model(model_uri).shape, cfg.evaluate.misclassified_examples)
+        png = misclassified_png(scored, names, shape, cfg.evaluate.misclassified_examples)
     finally:
         scored.unpersist()
     return {"cm": cm, "top_k_accuracy": top_k, "summary": M.summary(cm), "grid": png}
@@ -88,7 +89,7 @@ def run_evaluate(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     n = check_image_lengths(df, "image", candidate.shape)
     names = manifest.label_names
 
-    result = evaluate_model(spark, cfg, uri, df, names)
+    result = evaluate_model(spark, cfg, uri, df, names, candidate.shape)
     acc = result["summary"]["accuracy"]
     say("evaluate", f"{uri} on {ds.ref}:{split} ({n} images): accuracy {acc:.4f}, "
                     f"top-{cfg.evaluate.top_k} {result['top_k_accuracy']:.4f}, macro F1 {result['summary']['macro_f1']:.4f}")
@@ -97,7 +98,7 @@ def run_evaluate(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     champion_accuracy = None
     if champion_version and champion_version != candidate.version:
         champ_uri = f"models:/{name}/{champion_version}"
-        champ = evaluate_model(spark, cfg, champ_uri, df, names)
+        champ = evaluate_model(spark, cfg, champ_uri, df, names, candidate.shape)
         champion_accuracy = champ["summary"]["accuracy"]
     gate = _gate(cfg, candidate, acc, champion_accuracy, champion_version)
 

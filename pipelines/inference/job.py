@@ -43,19 +43,22 @@ def read_files_input(spark: SparkSession, cfg: Config, shape: tuple[int, int, in
     path = cfg.infer.input
     if not path:
         raise PipelineError("infer.input_type=files needs infer.input (a folder or a glob of image files)")
-    from pipelines.images import IMAGE_EXTENSIONS
-
-    reader = spark.read.format("binaryFile")
     if os.path.isdir(path):
-        reader = reader.option("recursiveFileLookup", "true")
-    try:
-        files = reader.load(path)
-    except Exception as exc:
-        raise PipelineError(f"cannot read image files at {path}: {str(exc).splitlines()[0]}") from None
-    ext = F.lower(F.regexp_extract("path", r"(\.[^./]+)$", 1))
-    rows = files.where(ext.isin(*sorted(IMAGE_EXTENSIONS))).select(
-        "path", F.lit(None).cast("string").alias("label"), F.lit(None).cast("string").alias("source_split"),
-        "content", F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
+        # The ingest job's folder source: the same listing, empty files included, local files read by workers.
+        from pipelines.ingest.sources import folder_source
+
+        rows = folder_source(spark, path).rows
+    else:
+        from pipelines.images import IMAGE_EXTENSIONS
+
+        try:
+            files = spark.read.format("binaryFile").load(path)
+        except Exception as exc:
+            raise PipelineError(f"cannot read image files at {path}: {str(exc).splitlines()[0]}") from None
+        ext = F.lower(F.regexp_extract("path", r"(\.[^./]+)$", 1))
+        rows = files.where(ext.isin(*sorted(IMAGE_EXTENSIONS))).select(
+            "path", F.lit(None).cast("string").alias("label"), F.lit(None).cast("string").alias("source_split"),
+            "content", F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
     im = cfg.ingest.image
     spec = ImageSpec(shape[0], shape[1], shape[2], im.resize_policy, tuple(im.background), cfg.ingest.max_pixels)
     decoded = decode_candidates(rows, spec)

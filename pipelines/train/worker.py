@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -251,4 +251,4 @@ def _log_epoch(spec: WorkerSpec, metrics: dict[str, float]) -> None:
         print(f"mlflow logging failed: {exc}", file=sys.stderr)
 
 
-__all__ = ["WorkerSpec", "train_worker", "steps_per_epoch", "read_state", "PROGRESS_FILE", "asdict"]
+__all__ = ["WorkerSpec", "train_worker", "steps_per_epoch", "read_state", "PROGRESS_FILE"]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from pipelines.config import Config
 from pipelines.console import emit_result, is_verbose, say
@@ -58,5 +57,3 @@ def workflow_command(args: argparse.Namespace, cfg: Config) -> int:
     emit_result({"stage": "schedule", "runs": len(results), "statuses": results})
     return code
 
-
-__all__ = ["workflow_command", "json"]

@@ -108,10 +108,11 @@ def test_infer_on_raw_files_quarantines_bad_ones(spark, trained, tmp_path):
     cfg = cfg_of(trained, "infer.input_type=files", f"infer.input={tree}", f"infer.output={tmp_path}/raw-preds",
                  "ingest.max_pixels=4000000")
     out = run_infer(spark, cfg)
-    assert out["rows_quarantined"] == expected["empty_file"] * 0 + expected["truncated"] + expected["not_an_image"] + expected["too_many_pixels"]
+    assert out["rows_quarantined"] == (expected["empty_file"] + expected["truncated"] + expected["not_an_image"]
+                                       + expected["too_many_pixels"])
     assert out["rows_scored"] > 10
     q = pq.read_table(f"{tmp_path}/raw-preds/_quarantine").to_pandas()
-    assert set(q["reason"]) == {"truncated", "not_an_image", "too_many_pixels"}
+    assert set(q["reason"]) == {"empty_file", "truncated", "not_an_image", "too_many_pixels"}
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -99,7 +99,7 @@ def test_idx_slice_keeps_its_own_test_set_and_petastorm_reads_every_split(spark,
     src = write_idx_slice(tmp_path / "idx", train=3000, test=500)
     out = run_ingest(spark, cfg_factory(f"ingest.source.path={src}", "ingest.row_group_rows=200"))
     splits = out["counts"]["splits"]
-    assert splits["test"] == 500 - out["counts"]["quarantined"] or splits["test"] <= 500
+    assert splits["test"] == 500 and out["counts"]["quarantined"] == 0  # the source's own test set, whole
     assert splits["train"] + splits["validation"] + splits["test"] == out["counts"]["rows"]
     assert abs(splits["validation"] - 0.1 * (out["counts"]["rows"] - splits["test"])) < 15  # stratified 10%
     ds = resolve_dataset(out["path"].rsplit("/", 2)[0], "fashion_mnist")
