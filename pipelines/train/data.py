@@ -22,6 +22,41 @@ class FeedOptions:
     reader_threads: int = 2
 
 
+def _race_free_thread_pool(workers: int, seed: int):
+    """petastorm's ThreadPool, with the end-of-data check of a finite read made race-free.
+
+    petastorm 0.13.1's get_results() asks all_workers_done() first and ventilator.completed() second. When the
+    ventilator thread sends its last row groups between the two questions, a one-pass read ends early: we saw
+    0 of 304 rows in about 1 read in 20. Asking completed() first closes the gap: once it is True, every row
+    group it sent is already counted in the per-worker totals that all_workers_done() compares.
+    """
+    from petastorm.workers_pool.thread_pool import ThreadPool
+
+    class RaceFreeThreadPool(ThreadPool):
+        def all_workers_done(self) -> bool:
+            ventilation_over = self._ventilator is None or self._ventilator.completed()
+            return ventilation_over and super().all_workers_done()
+
+    return RaceFreeThreadPool(workers, results_queue_size=50, shuffle_rows=False, seed=seed)
+
+
+def open_batch_reader(url: str, *, columns: list[str], num_epochs: int | None = 1, shuffle_row_groups: bool = False,
+                      shard: int | None = None, shard_count: int | None = None, seed: int = 0, workers: int = 2):
+    """petastorm.make_batch_reader (one row group per batch, threads) on the race-free pool above."""
+    from petastorm.arrow_reader_worker import ArrowReaderWorker
+    from petastorm.cache import NullCache
+    from petastorm.fs_utils import get_filesystem_and_path_or_paths
+    from petastorm.reader import Reader
+
+    filesystem, path = get_filesystem_and_path_or_paths(url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # petastorm's pyarrow deprecation and schema_fields warnings
+        return Reader(filesystem, path, schema_fields=columns, worker_class=ArrowReaderWorker,
+                      reader_pool=_race_free_thread_pool(workers, seed), seed=seed, shuffle_rows=False,
+                      shuffle_row_groups=shuffle_row_groups, num_epochs=num_epochs, cur_shard=shard,
+                      shard_count=shard_count, cache=NullCache(), is_batched_reader=True)
+
+
 def _decode(image: tf.Tensor, label: tf.Tensor, shape) -> tuple[tf.Tensor, tf.Tensor]:
     """A row group's raw pixel bytes -> (n, H, W, C) uint8 and int32 labels, in the graph."""
     pixels = tf.reshape(tf.io.decode_raw(image, tf.uint8), (-1, *shape))
@@ -48,15 +83,11 @@ def split_dataset(url: str, opts: FeedOptions, *, endless: bool) -> Iterator[tf.
     steps it needs, so every worker runs the same number of steps whatever its shard size.
     endless=False (validation): one pass over the shard, every row once, no shuffling.
     """
-    from petastorm import make_batch_reader
     from petastorm.tf_utils import make_petastorm_dataset
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reader = make_batch_reader(
-            url, schema_fields=["image", "label"], cur_shard=opts.shard, shard_count=opts.shard_count,
-            num_epochs=None if endless else 1, shuffle_row_groups=endless, seed=opts.seed,
-            workers_count=opts.reader_threads, reader_pool_type="thread")
+    reader = open_batch_reader(url, columns=["image", "label"], num_epochs=None if endless else 1,
+                               shuffle_row_groups=endless, shard=opts.shard, shard_count=opts.shard_count,
+                               seed=opts.seed, workers=opts.reader_threads)
     try:
         ds = make_petastorm_dataset(reader)
         ds = ds.map(lambda b: _decode(b.image, b.label, opts.shape), num_parallel_calls=tf.data.AUTOTUNE)

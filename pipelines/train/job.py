@@ -89,14 +89,15 @@ def worker_spec(cfg: Config, ds: DatasetVersion, manifest: Manifest, run_id: str
     return WorkerSpec(
         train_url=ds.split_path("train").as_uri(),
         validation_url=ds.split_path("validation").as_uri() if manifest.count("validation") else None,
-        train_rows=manifest.count("train"), shape=manifest.shape, num_classes=manifest.num_classes,
+        train_rows=manifest.count("train"), validation_rows=manifest.count("validation"), shape=manifest.shape, num_classes=manifest.num_classes,
         mean=manifest.mean, std=manifest.std, model=t.model,
         model_options={"activation": t.activation, "dropout": t.dropout, "l2": t.l2, "width": t.width},
         optimizer=t.optimizer, learning_rate=t.learning_rate, scale_lr=t.scale_lr, momentum=t.momentum,
         schedule=t.schedule, warmup_epochs=t.warmup_epochs, epochs=t.epochs, batch_size=t.batch_size,
         early_stopping_patience=t.early_stopping_patience,
         class_weights=tuple(weights[i] for i in range(manifest.num_classes)) if t.class_weights else (),
-        augment=t.augment, shuffle_buffer=t.shuffle_buffer, seed=t.seed, mixed_precision=t.mixed_precision, fp16_allreduce=t.fp16_allreduce,
+        augment=t.augment, shuffle_buffer=t.shuffle_buffer, seed=t.seed,
+        mixed_precision=t.mixed_precision, fp16_allreduce=t.fp16_allreduce,
         checkpoint_dir=str(resolve_path(cfg.paths.checkpoints_root) / run_id),
         tracking_uri=tracking.tracking_uri(cfg), run_id=run_id, start_epoch=start_epoch, history=history)
 

@@ -22,6 +22,7 @@ class WorkerSpec:
     train_url: str
     validation_url: str | None
     train_rows: int
+    validation_rows: int
     shape: tuple[int, int, int]
     num_classes: int
     mean: list[float]
@@ -204,6 +205,9 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
                         totals += np.array([t.numpy() for t in eval_step(x, y)])
                 # Horovod: exact validation metrics: sum the shards' totals over all workers.
                 v_loss, v_correct, v_n = hvd.allreduce(tf.constant(totals, tf.float64), op=hvd.Sum).numpy()
+                if int(v_n) != spec.validation_rows:  # every worker sees the same sum, so all fail together
+                    raise RuntimeError(f"validation read {int(v_n)} of {spec.validation_rows} rows in epoch {epoch}; "
+                                       "refusing to report metrics on part of the split")
                 metrics["val_loss"] = float(v_loss / max(v_n, 1))
                 metrics["val_accuracy"] = float(v_correct / max(v_n, 1))
                 lr.observe(metrics["val_loss"])

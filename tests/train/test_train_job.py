@@ -41,13 +41,14 @@ def cfg_for(small, *extra):
 
 def test_two_workers_train_in_sync_and_log_everything(spark, small):
     _, _, ingested = small
-    from petastorm import make_batch_reader
+    from pipelines.train.data import open_batch_reader
 
     shard_rows = []
     for shard in (0, 1):
-        with make_batch_reader(f"file://{ingested['path']}/train", num_epochs=1, cur_shard=shard, shard_count=2,
-                               schema_fields=["label"]) as reader:
+        with open_batch_reader(f"file://{ingested['path']}/train", columns=["label"], shard=shard,
+                               shard_count=2) as reader:
             shard_rows.append(sum(len(b.label) for b in reader))
+    assert sum(shard_rows) == ingested["counts"]["splits"]["train"]
     assert shard_rows[0] != shard_rows[1], "the fixture must give the two workers uneven shards"
     cfg = cfg_for(small, "train.epochs=4")
     out = run_train(spark, cfg)
