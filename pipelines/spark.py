@@ -5,7 +5,7 @@ import contextlib
 import os
 import re
 import sys
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -89,3 +89,21 @@ def scoped_conf(spark: SparkSession, settings: dict[str, str]) -> Iterator[None]
                 spark.conf.unset(k)
             else:
                 spark.conf.set(k, v)
+
+
+T = TypeVar("T")
+
+
+def run_concurrently(actions: list[Callable[[], T]]) -> list[T]:
+    """Run independent Spark actions as concurrent jobs from driver threads; results in order, first error raised.
+
+    Small jobs (writing a split, counting a table) spend most of their time in per-job overhead on the driver;
+    submitting them together lets the executors' task slots stay busy.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(actions) <= 1:
+        return [a() for a in actions]
+    with ThreadPoolExecutor(max_workers=len(actions)) as pool:
+        futures = [pool.submit(a) for a in actions]
+        return [f.result() for f in futures]

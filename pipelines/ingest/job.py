@@ -18,7 +18,7 @@ from pipelines.images import ImageSpec
 from pipelines.ingest import prepare, sources
 from pipelines.ingest.publish import Staging, parquet_row_groups
 from pipelines.ingest.validate import decode_candidates
-from pipelines.spark import scoped_conf
+from pipelines.spark import run_concurrently, scoped_conf
 
 ROW_OVERHEAD_BYTES = 120  # id, label, paths and hash next to the pixels, for sizing row groups
 
@@ -82,7 +82,7 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         valid = decoded.where(F.col("reason").isNull())
         invalid = decoded.where(F.col("reason").isNotNull())
         dd = prepare.dedupe(valid)
-        unique = dd.unique.withColumn("id", F.substring("content_hash", 1, 32)).persist(StorageLevel.MEMORY_AND_DISK)
+        unique = dd.unique.withColumn("id", F.substring("content_hash", 1, 32))  # rows of `decoded`, cached
         n_unique = unique.count()
         if n_unique == 0:
             reasons = {r["reason"]: r["count"] for r in decoded.groupBy("reason").count().collect()}
@@ -99,8 +99,7 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         assigned = (prepare.assign_splits(unique, ic.split.validation, ic.split.test)
                     .withColumn("label_name", F.col("label"))
                     .withColumn("label", id_map.getItem(F.col("label_name")).cast("int"))
-                    .withColumnRenamed("path", "source_path")
-                    .persist(StorageLevel.MEMORY_AND_DISK))
+                    .withColumnRenamed("path", "source_path"))
         per_class = {(r["split"], r["label_name"]): int(r["count"])
                      for r in assigned.groupBy("split", "label_name").count().collect()}
         train_counts = {name: per_class.get(("train", name), 0) for name in label_names}
@@ -117,14 +116,15 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     try:
         with step("ingest", f"writing Parquet to {staging.path.parent}") as s:
             row_group_bytes = ic.row_group_rows * (spec.nbytes + ROW_OVERHEAD_BYTES)
-            for split in SPLITS:
-                df = train if split == "train" else assigned.where(F.col("split") == split)
-                staging.write(df.select(*SPLIT_COLUMNS).sortWithinPartitions("id"), split,
-                              ic.files_per_split, row_group_bytes)
+            frames = {split: (train if split == "train" else assigned.where(F.col("split") == split))
+                      for split in SPLITS}
             quarantine = invalid.select("path", "label", "reason", "detail", "content_hash").unionByName(
                 dd.conflicts.select("path", "label", "reason", "detail", "content_hash"))
-            staging.write(quarantine, "quarantine", 1)
-            staging.write(dd.duplicates, "duplicates", 1)
+            run_concurrently(
+                [lambda split=split: staging.write(frames[split].select(*SPLIT_COLUMNS), split, ic.files_per_split,
+                                                   row_group_bytes, sort_by="id") for split in SPLITS]
+                + [lambda: staging.write(quarantine, "quarantine", 1),
+                   lambda: staging.write(dd.duplicates, "duplicates", 1)])
         with step("ingest", "verifying the staged version") as s:
             manifest = verify_and_describe(spark, cfg, staging, spec, seen, cand, label_names, train_counts,
                                            per_class, weights, mean, std)
@@ -141,7 +141,7 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         staging.discard()
         raise
     finally:
-        for df in (decoded, unique, assigned):
+        for df in (decoded,):
             df.unpersist()
 
     path = dataset_root(cfg.paths.datasets_root, ic.name) / version
@@ -160,20 +160,27 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
                         mean: list[float], std: list[float]) -> dict[str, Any]:
     """Read the staged output back, check `rows + quarantined + duplicates == seen`, build the manifest."""
     written = {split: spark.read.parquet(staging.url(split)) for split in SPLITS}
-    split_counts = {split: written[split].count() for split in SPLITS}
-    originals = written["train"].where(~F.col("id").contains("~")).count()
-    rows = originals + split_counts["validation"] + split_counts["test"]
-    quarantine = spark.read.parquet(staging.url("quarantine"))
-    quarantined = quarantine.count()
-    duplicates = spark.read.parquet(staging.url("duplicates")).count()
-    if rows + quarantined + duplicates != seen:
-        raise PipelineError(f"count invariant broken: {rows} rows + {quarantined} quarantined + {duplicates} "
-                            f"duplicates != {seen} image files seen; nothing was published")
-    reasons = {r["reason"]: int(r["count"]) for r in quarantine.groupBy("reason").count().collect()}
     union = None
     for split in SPLITS:
         part = written[split].withColumn("split", F.lit(split))
         union = part if union is None else union.unionByName(part)
+    quarantine = spark.read.parquet(staging.url("quarantine"))
+    copies = F.col("id").contains("~")  # oversampled copies of a training row
+    # independent read-backs, submitted together (see run_concurrently)
+    *split_rows, reason_rows, duplicates, digest = run_concurrently(
+        [lambda split=split: written[split].agg(F.count(F.lit(1)).alias("n"),
+                                                F.count(F.when(~copies, 1)).alias("originals")).first()
+         for split in SPLITS]
+        + [lambda: quarantine.groupBy("reason").count().collect(),
+           lambda: spark.read.parquet(staging.url("duplicates")).count(),
+           lambda: content_digest(union, spec, label_names)])
+    split_counts = {split: int(r["n"]) for split, r in zip(SPLITS, split_rows)}
+    rows = sum(int(r["originals"]) for r in split_rows)
+    reasons = {r["reason"]: int(r["count"]) for r in reason_rows}
+    quarantined = sum(reasons.values())
+    if rows + quarantined + duplicates != seen:
+        raise PipelineError(f"count invariant broken: {rows} rows + {quarantined} quarantined + {duplicates} "
+                            f"duplicates != {seen} image files seen; nothing was published")
     row_groups = {split: parquet_row_groups(staging.path / split) for split in SPLITS}
     return {
         "name": cfg.ingest.name,
@@ -195,7 +202,7 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
         "balance": cfg.ingest.balance,
         "source": cand.description,
         "config": cfg.to_dict()["ingest"],
-        "content_digest": content_digest(union, spec, label_names),
+        "content_digest": digest,
         "parquet": {"row_group_rows_target": cfg.ingest.row_group_rows,
                     "row_groups": {s: len(g) for s, g in row_groups.items()},
                     "max_row_group_rows": {s: max(g, default=0) for s, g in row_groups.items()}},

@@ -9,6 +9,9 @@ from pyspark.sql import functions as F
 from pipelines.images import LABEL_CONFLICT, UNKNOWN_LABEL
 
 
+REPEATED_HASHES_TO_DRIVER = 20_000
+
+
 @dataclass(frozen=True)
 class Deduped:
     unique: DataFrame        # valid rows, one per content
@@ -31,44 +34,70 @@ def mark_unknown_labels(decoded: DataFrame, allowed: list[str] | None) -> DataFr
 
 def dedupe(valid: DataFrame) -> Deduped:
     """Identical content under one label is kept once (a source's own test copy first); under two labels it
-    is a label_conflict and every copy is quarantined."""
+    is a label_conflict and every copy is quarantined.
+
+    Only rows whose content hash occurs more than once go through the ranking windows. Finding them shuffles
+    hashes, not pixels, and up to REPEATED_HASHES_TO_DRIVER of them (hashes only) come back to the driver, so a
+    source with few duplicates never moves its images between executors.
+    """
+    counts = valid.groupBy("content_hash").count().where(F.col("count") > 1).select("content_hash")
+    few = [r["content_hash"] for r in counts.limit(REPEATED_HASHES_TO_DRIVER + 1).collect()]
+    if len(few) <= REPEATED_HASHES_TO_DRIVER:  # the usual case: a handful of hashes, filtered in place
+        is_repeated = F.col("content_hash").isin(*few) if few else F.lit(False)
+        repeated, once = valid.where(is_repeated), valid.where(~is_repeated)
+    else:  # heavily duplicated sources: a semi/anti join instead
+        repeated = valid.join(counts, "content_hash", "left_semi")
+        once = valid.join(counts, "content_hash", "left_anti")
     by_hash = Window.partitionBy("content_hash")
-    ranked = (valid
+    keep_order = by_hash.orderBy(F.when(F.col("source_split") == "test", 0).otherwise(1), "path")
+    ranked = (repeated
               .withColumn("_labels", F.size(F.collect_set("label").over(by_hash)))
-              .withColumn("_rank", F.row_number().over(by_hash.orderBy(
-                  F.when(F.col("source_split") == "test", 0).otherwise(1), "path")))
-              .withColumn("_kept_path", F.first("path").over(by_hash.orderBy(
-                  F.when(F.col("source_split") == "test", 0).otherwise(1), "path"))))
+              .withColumn("_rank", F.row_number().over(keep_order))
+              .withColumn("_kept_path", F.first("path").over(keep_order)))
     conflicts = (ranked.where(F.col("_labels") > 1)
                  .withColumn("reason", F.lit(LABEL_CONFLICT))
                  .withColumn("detail", F.lit("the same content appears under different labels")))
     clean = ranked.where(F.col("_labels") == 1)
-    unique = clean.where(F.col("_rank") == 1).drop("_labels", "_rank", "_kept_path")
+    kept = clean.where(F.col("_rank") == 1).drop("_labels", "_rank", "_kept_path")
     duplicates = (clean.where(F.col("_rank") > 1)
                   .select("path", F.col("_kept_path").alias("kept_path"), "content_hash", "label"))
-    return Deduped(unique, conflicts.drop("_labels", "_rank", "_kept_path"), duplicates)
+    return Deduped(once.unionByName(kept.select(*once.columns)), conflicts.drop("_labels", "_rank", "_kept_path"),
+                   duplicates)
+
+
+NO_CUT = "~"  # sorts after every hex digest: "no row of this class starts the next split"
+
+
+def split_cuts(keys: DataFrame, validation: float, test: float) -> dict[str, tuple[str, str]]:
+    """label -> (first content hash of validation, first content hash of train), from hashes and labels only.
+
+    Within each class rows are ordered by content hash and ranked (percent_rank); the first `test` fraction
+    is test, the next `validation` fraction validation. Two hashes per class come back to the driver.
+    """
+    ranked = keys.withColumn("_q", F.percent_rank().over(Window.partitionBy("label").orderBy("content_hash")))
+    first = lambda cond: F.min(F.when(cond, F.col("content_hash")))  # noqa: E731
+    rows = ranked.groupBy("label").agg(first(F.col("_q") >= test).alias("validation_from"),
+                                       first(F.col("_q") >= test + validation).alias("train_from")).collect()
+    return {r["label"]: (r["validation_from"] or NO_CUT, r["train_from"] or NO_CUT) for r in rows}
 
 
 def assign_splits(unique: DataFrame, validation: float, test: float) -> DataFrame:
-    """Deterministic, class-stratified split from the content hash.
+    """Deterministic, class-stratified split from the content hash (see split_cuts).
 
-    Within each class rows are ordered by content hash; the first `test` fraction is test, the next
-    `validation` fraction validation. Rows a source marked as its own test set stay test, and then the
-    `test` fraction is not taken from the rest.
+    Rows a source marked as its own test set stay test, and then the `test` fraction is not taken from the
+    rest. Rows are compared with their class's cut hashes in place: no pixels are shuffled.
     """
     own_test = F.col("source_split") == "test"
     pool = unique.where(~own_test | F.col("source_split").isNull())
     has_own_test = unique.where(own_test).limit(1).count() > 0
-    test_frac = 0.0 if has_own_test else test
-    w = Window.partitionBy("label").orderBy("content_hash")
-    ranked = pool.withColumn("_q", F.percent_rank().over(w))
-    split = (F.when(F.col("_q") < F.lit(test_frac), "test")
-             .when(F.col("_q") < F.lit(test_frac + validation), "validation")
+    cuts = split_cuts(pool.select("label", "content_hash"), validation, 0.0 if has_own_test else test)
+    cut_map = lambda i: F.create_map(*[x for label, c in cuts.items() for x in (F.lit(label), F.lit(c[i]))])  # noqa: E731
+    h = F.col("content_hash")
+    split = (F.when(own_test, "test")
+             .when(h < cut_map(0).getItem(F.col("label")), "test")
+             .when(h < cut_map(1).getItem(F.col("label")), "validation")
              .otherwise("train"))
-    assigned = ranked.withColumn("split", split).drop("_q")
-    if has_own_test:
-        assigned = assigned.unionByName(unique.where(own_test).withColumn("split", F.lit("test")))
-    return assigned
+    return unique.withColumn("split", split)
 
 
 def class_counts(df: DataFrame) -> dict[str, int]:

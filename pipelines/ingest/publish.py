@@ -40,8 +40,10 @@ class Staging:
     def url(self, part: str) -> str:
         return (self.path / part).as_uri()
 
-    def write(self, df: DataFrame, part: str, files: int, row_group_bytes: int | None = None) -> None:
-        writer = df.repartition(files).write.mode("error")
+    def write(self, df: DataFrame, part: str, files: int, row_group_bytes: int | None = None,
+              sort_by: str | None = None) -> None:
+        df = df.repartition(files)
+        writer = (df.sortWithinPartitions(sort_by) if sort_by else df).write.mode("error")
         if row_group_bytes:
             writer = writer.option("parquet.block.size", str(row_group_bytes))
         writer.parquet(self.url(part))

@@ -66,12 +66,14 @@ def decode_batches(batches: Iterator[pd.DataFrame], spec: ImageSpec) -> Iterator
                 out["pixel_sum"].append(None)
                 out["pixel_sumsq"].append(None)
                 continue
-            scaled = pixels.reshape(-1, spec.channels).astype(np.float64) / 255.0
+            flat = pixels.reshape(-1, spec.channels)
             out["image"].append(pixels.tobytes())
             out["reason"].append(None)
             out["detail"].append(None)
-            out["pixel_sum"].append(scaled.sum(axis=0).tolist())
-            out["pixel_sumsq"].append(np.square(scaled).sum(axis=0).tolist())
+            # exact integer sums, scaled to pixels in [0, 1] afterwards
+            out["pixel_sum"].append((flat.sum(axis=0, dtype=np.int64) / 255.0).tolist())
+            wide = flat.astype(np.int32)
+            out["pixel_sumsq"].append((np.einsum("ij,ij->j", wide, wide, dtype=np.int64) / 65025.0).tolist())
         yield pd.DataFrame(out)
 
 

@@ -1,0 +1,66 @@
+"""Dedupe and split transforms on small hand-built DataFrames (hashes and labels, no pixels needed)."""
+from __future__ import annotations
+
+import hashlib
+import random
+
+from pyspark.sql import Window
+from pyspark.sql import functions as F
+
+from pipelines.ingest import prepare
+
+
+def rows_frame(spark, rows):
+    return spark.createDataFrame(rows, "path string, label string, source_split string, content_hash string")
+
+
+def digest(i: int) -> str:
+    return hashlib.sha256(str(i).encode()).hexdigest()
+
+
+def test_both_dedupe_paths_agree(spark, monkeypatch):
+    rng = random.Random(3)
+    rows = [(f"/d/{i}.png", f"c{i % 3}", "test" if i % 7 == 0 else None, digest(i)) for i in range(60)]
+    rows += [(f"/d/copy{i}.png", f"c{i % 3}", None, digest(i)) for i in range(0, 20, 2)]   # same label: duplicates
+    rows += [(f"/d/clash{i}.png", "c9", None, digest(i)) for i in range(1, 12, 5)]          # other label: conflicts
+    rng.shuffle(rows)
+    df = rows_frame(spark, rows)
+
+    def outcome():
+        d = prepare.dedupe(df)
+        return (sorted(r["path"] for r in d.unique.collect()), sorted(r["path"] for r in d.conflicts.collect()),
+                sorted((r["path"], r["kept_path"]) for r in d.duplicates.collect()))
+
+    in_place = outcome()
+    monkeypatch.setattr(prepare, "REPEATED_HASHES_TO_DRIVER", 2)  # force the join path
+    assert outcome() == in_place
+    unique, conflicts, duplicates = in_place
+    assert len(unique) + len(conflicts) + len(duplicates) == len(rows)
+    assert len(conflicts) == 7 and len(duplicates) == 9  # content 6 has a same-label copy and a clash: 3 quarantined
+    assert ("/d/copy0.png", "/d/0.png") in duplicates  # the source's own test copy is the one kept
+
+
+def test_split_cuts_match_a_percent_rank_over_every_row(spark):
+    rows = [(f"/d/{i}.png", f"c{i % 4}", None, digest(i)) for i in range(403)]
+    df = rows_frame(spark, rows)
+    got = {r["path"]: r["split"] for r in prepare.assign_splits(df, 0.15, 0.2).collect()}
+    q = F.percent_rank().over(Window.partitionBy("label").orderBy("content_hash"))
+    ref = df.withColumn("_q", q).withColumn(
+        "split", F.when(F.col("_q") < 0.2, "test").when(F.col("_q") < 0.35, "validation").otherwise("train"))
+    assert got == {r["path"]: r["split"] for r in ref.collect()}
+    counts = {}
+    for path, split in got.items():
+        label = f"c{int(path.split('/')[-1].split('.')[0]) % 4}"
+        counts[(label, split)] = counts.get((label, split), 0) + 1
+    for label in ("c0", "c1", "c2", "c3"):  # stratified: every class split about 20/15/65
+        total = sum(v for (lab, _), v in counts.items() if lab == label)
+        assert abs(counts[(label, "test")] - 0.2 * total) <= 1.5
+        assert abs(counts[(label, "validation")] - 0.15 * total) <= 1.5
+    assert len(got) == 403
+
+
+def test_a_source_with_its_own_test_set_keeps_it(spark):
+    rows = [(f"/d/{i}.png", f"c{i % 2}", "test" if i < 10 else None, digest(i)) for i in range(50)]
+    got = {r["path"]: r["split"] for r in prepare.assign_splits(rows_frame(spark, rows), 0.1, 0.3).collect()}
+    assert {p for p, s in got.items() if s == "test"} == {f"/d/{i}.png" for i in range(10)}
+    assert sum(s == "validation" for s in got.values()) in (4, 5, 6)
