@@ -22,11 +22,12 @@ def timed(box: dict, key: str):
 
 
 def report(title: str, rows: list[tuple[str, float, str]], ratio_name: str, ratio: float, goal: float) -> None:
+    width = max(48, *(len(r[0]) for r in rows), len(ratio_name))
     print(f"\n== {title}")
     for name, value, unit in rows:
-        print(f"  {name:<48} {value:>10.1f} {unit}")
+        print(f"  {name:<{width}} {value:>10.1f} {unit}")
     verdict = "meets" if ratio >= goal else "MISSES"
-    print(f"  {ratio_name:<48} {ratio:>10.2f}x  ({verdict} the goal of {goal}x)")
+    print(f"  {ratio_name:<{width}} {ratio:>10.2f}x  ({verdict} the goal of {goal}x)")
 
 
 def bench_dataset(spark, cfg):

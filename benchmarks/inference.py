@@ -3,7 +3,8 @@ model.predict on the same rows held in memory, same model, same cores, side by s
 
     .venv/bin/python benchmarks/inference.py [--rows 60000]
 
-Goal: Spark >= 0.8x the in-memory images/s.
+Goal: Spark >= 0.8x the in-memory images/s. Both sides are compared warm (model loaded, graph traced);
+the cold Spark pass is printed too.
 """
 from __future__ import annotations
 
@@ -57,24 +58,29 @@ def main() -> None:
     # Spark: read Parquet, score on the executors, write Parquet (what `sparkvision infer` does)
     spark.read.parquet(split.as_uri()).limit(1000).count()  # warm the JVM
     out = BENCH_DIR / "infer" / "preds"
-    t0 = time.perf_counter()
-    predict(spark.read.parquet(split.as_uri()).select("id", "image"), uri, batch_size=args.batch_size) \
-        .write.mode("overwrite").parquet(out.as_uri())
-    spark_s = time.perf_counter() - t0
+    spark_s = []
+    for _ in range(2):  # 1st: cold Python workers (TensorFlow import, model load, tracing); 2nd: warm
+        t0 = time.perf_counter()
+        predict(spark.read.parquet(split.as_uri()).select("id", "image"), uri, batch_size=args.batch_size) \
+            .write.mode("overwrite").parquet(out.as_uri())
+        spark_s.append(time.perf_counter() - t0)
     spark.stop()
 
     # In memory: the same rows as one numpy array, model.predict in this process
     table = pq.read_table(split, columns=["image"])
     x = np.frombuffer(b"".join(table.column("image").to_pylist()), np.uint8).reshape(-1, *m.shape)
     net = load_keras_model(uri)
-    net.predict(x[:args.batch_size], batch_size=args.batch_size, verbose=0)  # warm-up
+    net.predict(x[:args.batch_size], batch_size=args.batch_size, verbose=0)  # warm-up, like Spark's 2nd pass
     t0 = time.perf_counter()
     net.predict(x, batch_size=args.batch_size, verbose=0)
     mem_s = time.perf_counter() - t0
     report(f"batch inference, mnist_cnn, {rows} Fashion-MNIST images, batch {args.batch_size}, 2 cores",
-           [("in-process model.predict on numpy in memory", rows / mem_s, "images/s"),
-            ("Spark local[2]: Parquet -> predict() -> Parquet", rows / spark_s, "images/s")],
-           "Spark / in-memory", mem_s / spark_s, 0.8)
+           [("in-process model.predict on numpy in memory (warm)", rows / mem_s, "images/s"),
+            ("Spark local[2]: Parquet -> predict() -> Parquet, cold workers", rows / spark_s[0], "images/s"),
+            ("Spark local[2]: Parquet -> predict() -> Parquet, warm workers", rows / spark_s[1], "images/s")],
+           "Spark (warm) / in-memory (warm)", mem_s / spark_s[1], 0.8)
+    print(f"  cold Spark / in-memory: {mem_s / spark_s[0]:.2f}x (the first pass also starts the Python workers, "
+          f"imports TensorFlow and loads the model: {spark_s[0] - spark_s[1]:.1f}s more)")
 
 
 if __name__ == "__main__":

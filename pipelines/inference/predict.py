@@ -1,15 +1,13 @@
 """Distributed prediction: `predict(df, model_uri) -> DataFrame`, for jobs and for users' own Spark code.
 
-The model is loaded once per executor Python worker and applied to Arrow batches (mapInPandas);
+The model is loaded once per executor Python worker and applied to Arrow batches (mapInArrow);
 pixels stay on the executors.
 """
 from __future__ import annotations
 
 import os
-from typing import Iterator
 
 import numpy as np
-import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -71,11 +69,47 @@ def predict_pixels(model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def pixels_from_arrow(images, shape: tuple[int, ...]) -> np.ndarray:
+    """An Arrow binary column of raw pixel bytes -> (n, *shape) uint8, viewing Arrow's buffer without a copy."""
+    import pyarrow as pa
+
+    expected = int(np.prod(shape))
+    if images.null_count:
+        raise ValueError("input has rows without image bytes (null)")
+    wide = pa.types.is_large_binary(images.type)
+    offsets = np.frombuffer(images.buffers()[1], dtype=np.int64 if wide else np.int32,
+                            count=len(images) + 1, offset=images.offset * (8 if wide else 4))
+    lengths = np.diff(offsets)
+    if len(lengths) and (lengths != expected).any():
+        bad = int(lengths[lengths != expected][0])
+        raise ValueError(f"image bytes of length {bad} do not match the model input {shape}")
+    data = np.frombuffer(images.buffers()[2], dtype=np.uint8) if len(images) else np.zeros(0, np.uint8)
+    return data[offsets[0]:offsets[-1]].reshape(len(images), *shape)
+
+
+def prediction_columns(probs: np.ndarray, names: list[str], k: int) -> list:
+    """Class probabilities -> Arrow arrays for pred_label, pred_name, probability and top_k (vectorized)."""
+    import pyarrow as pa
+
+    n = len(probs)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k].astype(np.int32)
+    top_p = np.take_along_axis(probs, order, axis=1).astype(np.float32)
+    name_of = pa.array(names, pa.string())
+    labels = pa.array(order.ravel())
+    top = pa.StructArray.from_arrays([labels, name_of.take(labels), pa.array(top_p.ravel())],
+                                     names=["label", "name", "probability"])
+    top_k = pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), top)
+    best = pa.array(order[:, 0]) if n else pa.array([], pa.int32())
+    return [best, name_of.take(best), pa.array(top_p[:, 0] if n else np.zeros(0, np.float32)), top_k]
+
+
 def predict(df: DataFrame, model_uri: str, image_column: str = "image", top_k: int = 3, batch_size: int = 512,
             keep_image: bool = False) -> DataFrame:
     """Add pred_label, pred_name, probability, top_k, model_uri and model_version columns to `df`.
 
-    `df[image_column]` holds raw uint8 pixel bytes in the model's input shape (the dataset format).
+    `df[image_column]` holds raw uint8 pixel bytes in the model's input shape (the dataset format). Scoring
+    runs on Arrow batches on the executors (mapInArrow): pixels are read in place from Arrow's buffers and the
+    prediction columns are built as Arrow arrays, with no per-row Python objects.
     """
     import mlflow
 
@@ -92,29 +126,21 @@ def predict(df: DataFrame, model_uri: str, image_column: str = "image", top_k: i
     load_uri, version = model.load_uri, model.version or ""
     keep = [c for c in df.columns if keep_image or c != image_column]
     schema = T.StructType([f for f in df.schema.fields if f.name in keep] + PREDICTION_FIELDS)
-    expected = int(np.prod(shape))
+    out_names = keep + [f.name for f in PREDICTION_FIELDS]
 
-    def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def score(batches):
+        import pyarrow as pa
+
         net = load_keras_model(load_uri, tracking_uri)
         for batch in batches:
-            raw = batch[image_column]
-            bad = [len(b) for b in raw if b is None or len(b) != expected]
-            if bad:
-                raise ValueError(f"image bytes of length {bad[0]} do not match the model input {shape}")
-            pixels = np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(batch), *shape)
-            probs = predict_pixels(net, pixels, batch_size)
-            order = np.argsort(-probs, axis=1)[:, :k]
-            out = batch[keep].copy()
-            out["pred_label"] = order[:, 0].astype(np.int32)
-            out["pred_name"] = [names[i] for i in order[:, 0]]
-            out["probability"] = probs[np.arange(len(batch)), order[:, 0]].astype(np.float32)
-            out["top_k"] = [[{"label": int(j), "name": names[j], "probability": float(p[j])} for j in row]
-                            for row, p in zip(order, probs)]
-            out["model_uri"] = model_uri
-            out["model_version"] = version
-            yield out
+            probs = predict_pixels(net, pixels_from_arrow(batch.column(image_column), shape), batch_size)
+            n = batch.num_rows
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(c) for c in keep] + prediction_columns(probs.reshape(n, len(names)), names, k)
+                + [pa.array([model_uri] * n, pa.string()), pa.array([version] * n, pa.string())],
+                names=out_names)
 
-    return df.mapInPandas(score, schema)
+    return df.mapInArrow(score, schema)
 
 
 def check_image_lengths(df: DataFrame, image_column: str, shape: tuple[int, ...]) -> int:
