@@ -90,7 +90,7 @@ class IngestConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     dataset: Optional[str]
-    model: Literal["mnist_cnn", "lenet5", "small_resnet"]
+    model: Literal["mnist_cnn", "lenet5", "vgg_small", "small_resnet"]
     activation: Literal["relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid"]
     dropout: float
     l2: float

@@ -1,4 +1,4 @@
-"""Keras (tf-keras, Keras 2) image classifiers: the classic MNIST CNN, LeNet-5 and a small ResNet.
+"""Keras (tf-keras, Keras 2) image classifiers: the classic MNIST CNN, LeNet-5, a small VGG and a small ResNet.
 
 Each model's input is the dataset's canonical uint8 H x W x C pixels; the first layers scale them to [0, 1]
 and standardize with the dataset's per-channel mean and std (from the manifest), so the saved model needs no
@@ -73,6 +73,21 @@ def lenet5(x, opts: ModelOptions):
     return _act(opts.activation)(_dense(x, _w(84, opts), opts))
 
 
+def vgg_small(x, opts: ModelOptions):
+    """Two VGG blocks with batch norm (Conv32x2-Pool, Conv64x2-Pool) and Dense256: the usual strong baseline
+    for 28x28 images, about 1.6x the compute of mnist_cnn."""
+    for filters in (32, 64):
+        for _ in range(2):
+            x = _conv(x, _w(filters, opts), 3, opts, padding="same", use_bias=False)
+            x = _act(opts.activation)(layers.BatchNormalization()(x))
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(opts.dropout)(x)
+    x = layers.Flatten()(x)
+    x = _dense(x, _w(256, opts), opts)
+    x = _act(opts.activation)(layers.BatchNormalization()(x))
+    return layers.Dropout(min(2 * opts.dropout, 0.9))(x)
+
+
 def _residual(x, filters: int, stride: int, opts: ModelOptions):
     shortcut = x
     y = _conv(x, filters, 3, opts, strides=stride, padding="same", use_bias=False)
@@ -95,7 +110,8 @@ def small_resnet(x, opts: ModelOptions):
     return layers.Dropout(opts.dropout)(x)
 
 
-MODELS: dict[str, Callable] = {"mnist_cnn": mnist_cnn, "lenet5": lenet5, "small_resnet": small_resnet}
+MODELS: dict[str, Callable] = {"mnist_cnn": mnist_cnn, "lenet5": lenet5, "vgg_small": vgg_small,
+                                "small_resnet": small_resnet}
 
 
 def build_model(name: str, shape: tuple[int, int, int], num_classes: int, mean: list[float], std: list[float],
