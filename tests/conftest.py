@@ -21,6 +21,7 @@ def make_config(tmp_path, *overrides: str) -> Config:
         f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         f"mlflow.artifact_location={tmp_path}/mlartifacts",
         "spark.shuffle_partitions=4",
+        "train.model=mnist_cnn",  # the fast model the tests' learning bars were set with
     ]
     return load_config([], [*base, *overrides])
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_base_config_loads_with_every_section():
     cfg = load_config()
-    assert cfg.train.model == "mnist_cnn"
+    assert cfg.train.model == "vgg_small" and cfg.train.epochs == 8
     assert cfg.ingest.source.type == "idx"
     assert set(cfg.to_dict()) == {"paths", "spark", "mlflow", "ingest", "train", "evaluate", "infer", "tune", "workflow", "cluster"}
 

@@ -37,7 +37,7 @@ def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path):
         f"paths.datasets_root={tmp_path}/shared/datasets", f"paths.checkpoints_root={tmp_path}/shared/checkpoints",
         f"paths.runs_root={tmp_path}/runs", f"paths.predictions_root={tmp_path}/shared/predictions",
         f"ingest.source.path={src}", "ingest.row_group_rows=150", "ingest.files_per_split=2",
-        "train.epochs=3", "train.batch_size=32", "train.warmup_epochs=0", "train.width=0.5",
+        "train.model=mnist_cnn", "train.epochs=3", "train.batch_size=32", "train.warmup_epochs=0", "train.width=0.5",
         "evaluate.threshold=0.3",
     ]
     cfg = make_config(tmp_path, *overrides)
