@@ -4,7 +4,8 @@ workers, same model, same per-worker batch size, same cores, measured side by si
     .venv/bin/python benchmarks/train_throughput.py [--model mnist_cnn] [--batch-size 128] [--epochs 2]
 
 Goals: 1 worker >= 0.9x the in-memory images/s; 2 workers not slower in total than 1; input wait < 5%.
-Figures are taken from the last epoch (the first one includes graph tracing in both).
+Figures are taken from the last epoch (the first one includes graph tracing in both). The ceiling line runs two
+independent single-thread in-memory fits at once (no Horovod): how much 2 workers could reach here at best.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import time
 from common import BENCH_DIR, ROOT, bench_dataset, report
 
 
-def in_memory_fit(manifest, train_dir, model_name: str, batch: int, epochs: int) -> float:
-    """Images/s of keras model.fit on numpy arrays held in memory (last epoch)."""
+def in_memory_fit(manifest, train_dir, model_name: str, batch: int, epochs: int,
+                  part: tuple[int, int] = (0, 1)) -> float:
+    """Images/s of keras model.fit on numpy arrays held in memory (last epoch); `part` (i, n): rows i::n only."""
     import numpy as np
     import pyarrow.parquet as pq
     import tf_keras as keras
@@ -26,6 +28,7 @@ def in_memory_fit(manifest, train_dir, model_name: str, batch: int, epochs: int)
     table = pq.read_table(train_dir, columns=["image", "label"])
     x = np.frombuffer(b"".join(table.column("image").to_pylist()), np.uint8).reshape(-1, *manifest.shape)
     y = np.asarray(table.column("label").to_pylist(), np.int32)
+    x, y = x[part[0]::part[1]], y[part[0]::part[1]]
     model = build_model(model_name, manifest.shape, manifest.num_classes, manifest.mean, manifest.std)
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
     times = []
@@ -40,6 +43,29 @@ def in_memory_fit(manifest, train_dir, model_name: str, batch: int, epochs: int)
     steps = len(x) // batch
     model.fit(x[: steps * batch], y[: steps * batch], batch_size=batch, epochs=epochs, verbose=0, callbacks=[Clock()])
     return steps * batch / times[-1]
+
+
+def _single_thread_fit(args: tuple) -> float:
+    """One process with a worker's thread budget (1 intra-op thread), in-memory fit on its half of the rows."""
+    manifest, train_dir, model_name, batch, epochs, part = args
+    import os
+
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(2)
+    return in_memory_fit(manifest, train_dir, model_name, batch, epochs, part=part)
+
+
+def two_processes_ceiling(manifest, train_dir, model_name: str, batch: int, epochs: int) -> float:
+    """Total images/s of 2 independent single-thread model.fit processes at once (no Horovod, no allreduce):
+    what 2 workers could reach on these 2 cores if communication were free."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(2) as pool:
+        return sum(pool.map(_single_thread_fit, [(manifest, train_dir, model_name, batch, epochs, (i, 2))
+                                                 for i in range(2)]))
 
 
 def main() -> None:
@@ -74,6 +100,7 @@ def main() -> None:
         results[workers] = out["metrics"]
     spark.stop()
     baseline = in_memory_fit(manifest, ds.split_path("train"), args.model, args.batch_size, args.epochs)
+    ceiling = two_processes_ceiling(manifest, ds.split_path("train"), args.model, args.batch_size, args.epochs)
 
     one, two = results[1], results[2]
     report(f"training throughput, {args.model}, batch {args.batch_size}/worker, Fashion-MNIST train split, 2 cores",
@@ -84,6 +111,8 @@ def main() -> None:
             ("input wait, 2 workers", 100 * two["input_wait_fraction"], "% of step time")],
            "1 worker / in-memory", one["images_per_second"] / baseline, 0.9)
     print(f"  {'2 workers / 1 worker':<48} {two['images_per_second'] / one['images_per_second']:>10.2f}x  (goal >= 1.0x)")
+    print(f"  {'ceiling: 2 independent 1-thread fits, total':<48} {ceiling:>10.1f} images/s "
+          f"({ceiling / baseline:.2f}x the 2-thread in-memory fit; 2 workers reach {two['images_per_second'] / ceiling:.2f}x of it)")
 
 
 if __name__ == "__main__":

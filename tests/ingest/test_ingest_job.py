@@ -110,7 +110,7 @@ def test_idx_slice_keeps_its_own_test_set_and_petastorm_reads_every_split(spark,
     from pipelines.train.data import open_batch_reader
 
     for split in SPLITS:
-        for _ in range(10):  # stock petastorm 0.13.1 ended about 1 read in 20 early (see open_batch_reader)
+        for _ in range(10):  # stock petastorm 0.13.1 ended ~1 read in 60 early (see open_batch_reader)
             rows = 0
             with open_batch_reader(ds.split_path(split).as_uri(), columns=["image", "label"]) as reader:
                 for batch in reader:
