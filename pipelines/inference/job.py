@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 import uuid
@@ -68,6 +69,24 @@ def read_files_input(spark: SparkSession, cfg: Config, shape: tuple[int, int, in
     return good, bad
 
 
+TABLE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*){0,2}")  # table, db.table or catalog.schema.table
+
+
+def read_table_input(spark: SparkSession, source: str | None) -> DataFrame:
+    """infer.input for input_type=table: a table or view in the Spark catalog, or a Parquet path."""
+    if not source:
+        raise PipelineError("infer.input_type=table needs infer.input (a catalog table name or a Parquet path)")
+    if TABLE_NAME.fullmatch(source) and not Path(source).exists():
+        try:
+            return spark.table(source)
+        except Exception as exc:
+            raise PipelineError(f"no table or view {source!r} in the Spark catalog: {str(exc).splitlines()[0]}") from None
+    try:
+        return spark.read.parquet(source)
+    except Exception as exc:
+        raise PipelineError(f"cannot read Parquet table {source}: {str(exc).splitlines()[0]}") from None
+
+
 def _write_atomically(df: DataFrame, quarantine: DataFrame | None, output: Path, partition_by: list[str]) -> None:
     """Write to a hidden sibling folder, then rename into place: a failure leaves nothing at `output`."""
     if output.exists():
@@ -107,13 +126,7 @@ def _infer(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     elif ic.input_type == "files":
         (df, quarantine), image_column = read_files_input(spark, cfg, model.shape), "image"
     else:
-        if not ic.input:
-            raise PipelineError("infer.input_type=table needs infer.input (a Parquet path)")
-        try:
-            df = spark.read.parquet(ic.input)
-        except Exception as exc:
-            raise PipelineError(f"cannot read Parquet table {ic.input}: {str(exc).splitlines()[0]}") from None
-        image_column = ic.image_column
+        df, image_column = read_table_input(spark, ic.input), ic.image_column
     keys = [c for c in ic.key_columns if c in df.columns]
     missing = [c for c in ic.key_columns if c not in df.columns and ic.input_type != "files"]
     if missing:

@@ -102,6 +102,28 @@ def test_predict_api_on_a_users_dataframe(spark, trained):
     assert "image" not in out.columns
 
 
+def test_infer_reads_a_catalog_table_by_name(spark, trained, tmp_path):
+    _, _, first = trained
+    from pipelines.dataset.contract import resolve_dataset
+
+    cfg = cfg_of(trained)
+    ds = resolve_dataset(cfg.paths.datasets_root, "fashion_mnist")
+    (spark.read.parquet(ds.split_path("test").as_uri()).limit(40)
+     .withColumnRenamed("image", "pixels").withColumnRenamed("id", "item")
+     .createOrReplaceTempView("items_to_score"))
+    out = run_infer(spark, cfg_of(trained, "infer.input_type=table", "infer.input=items_to_score",
+                                  "infer.image_column=pixels", "infer.key_columns=[item]",
+                                  f"infer.model_uri=models:/{first['registered_model']}/{first['version']}",
+                                  f"infer.output={tmp_path}/table-preds"))
+    preds = pq.read_table(out["output"]).to_pandas()
+    assert out["rows_scored"] == 40 and len(preds) == 40 and preds["item"].nunique() == 40
+    with pytest.raises(PipelineError, match="no table or view 'no_such_table'"):
+        run_infer(spark, cfg_of(trained, "infer.input_type=table", "infer.input=no_such_table",
+                                f"infer.model_uri=models:/{first['registered_model']}/{first['version']}",
+                                f"infer.output={tmp_path}/none"))
+    assert not (tmp_path / "none").exists()
+
+
 def test_infer_on_raw_files_quarantines_bad_ones(spark, trained, tmp_path):
     tree = tmp_path / "photos"
     expected = build_image_tree(tree)
