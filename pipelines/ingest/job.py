@@ -141,8 +141,7 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         staging.discard()
         raise
     finally:
-        for df in (decoded,):
-            df.unpersist()
+        decoded.unpersist()
 
     path = dataset_root(cfg.paths.datasets_root, ic.name) / version
     took = time.perf_counter() - started

@@ -40,14 +40,14 @@ def dedupe(valid: DataFrame) -> Deduped:
     hashes, not pixels, and up to REPEATED_HASHES_TO_DRIVER of them (hashes only) come back to the driver, so a
     source with few duplicates never moves its images between executors.
     """
-    counts = valid.groupBy("content_hash").count().where(F.col("count") > 1).select("content_hash")
-    few = [r["content_hash"] for r in counts.limit(REPEATED_HASHES_TO_DRIVER + 1).collect()]
+    repeated_hashes = valid.groupBy("content_hash").count().where(F.col("count") > 1).select("content_hash")
+    few = [r["content_hash"] for r in repeated_hashes.limit(REPEATED_HASHES_TO_DRIVER + 1).collect()]
     if len(few) <= REPEATED_HASHES_TO_DRIVER:  # the usual case: a handful of hashes, filtered in place
         is_repeated = F.col("content_hash").isin(*few) if few else F.lit(False)
         repeated, once = valid.where(is_repeated), valid.where(~is_repeated)
     else:  # heavily duplicated sources: a semi/anti join instead
-        repeated = valid.join(counts, "content_hash", "left_semi")
-        once = valid.join(counts, "content_hash", "left_anti")
+        repeated = valid.join(repeated_hashes, "content_hash", "left_semi")
+        once = valid.join(repeated_hashes, "content_hash", "left_anti")
     by_hash = Window.partitionBy("content_hash")
     keep_order = by_hash.orderBy(F.when(F.col("source_split") == "test", 0).otherwise(1), "path")
     ranked = (repeated
@@ -98,11 +98,6 @@ def assign_splits(unique: DataFrame, validation: float, test: float) -> DataFram
              .when(h < cut_map(1).getItem(F.col("label")), "validation")
              .otherwise("train"))
     return unique.withColumn("split", split)
-
-
-def class_counts(df: DataFrame) -> dict[str, int]:
-    """label -> row count (metadata only)."""
-    return {r["label"]: int(r["count"]) for r in df.groupBy("label").count().collect()}
 
 
 def class_weights(counts: dict[str, int], label_ids: dict[str, int]) -> dict[int, float]:
