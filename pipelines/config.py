@@ -108,9 +108,12 @@ class TrainConfig:
     class_weights: bool
     augment: bool
     shuffle_buffer: int
+    cache_mb: int
+    reader_threads: int
     seed: int
     mixed_precision: Literal["auto", "on", "off"]
     fp16_allreduce: bool
+    horovod_cycle_time_ms: Optional[float]
     timeout_s: int
 
 

@@ -20,6 +20,8 @@ class FeedOptions:
     augment: bool = False
     class_weights: tuple[float, ...] = ()
     reader_threads: int = 2
+    cache: bool = False  # training only: decode the shard once, then serve every epoch from memory
+    max_rows: int = 0  # an upper bound on the shard's rows (the split's count): the full-shuffle buffer size
 
 
 def _race_free_thread_pool(workers: int, seed: int):
@@ -79,20 +81,25 @@ def _augment(x: tf.Tensor, shape) -> tf.Tensor:
 def split_dataset(url: str, opts: FeedOptions, *, endless: bool) -> Iterator[tf.data.Dataset]:
     """Batches (pixels, labels, sample_weights) from this worker's shard.
 
-    endless=True (training): row groups are reshuffled and repeated forever; the caller takes exactly the
-    steps it needs, so every worker runs the same number of steps whatever its shard size.
+    endless=True (training): repeated forever; the caller takes exactly the steps it needs, so every worker runs
+    the same number of steps whatever its shard size. Streamed (opts.cache False): row groups are reshuffled
+    every pass and rows mixed in a shuffle buffer. Cached: petastorm reads the shard once, tf.data keeps the
+    decoded rows in memory, and every pass over them is a full, seeded shuffle of the shard.
     endless=False (validation): one pass over the shard, every row once, no shuffling.
     """
     from petastorm.tf_utils import make_petastorm_dataset
 
-    reader = open_batch_reader(url, columns=["image", "label"], num_epochs=None if endless else 1,
+    cached = endless and opts.cache
+    reader = open_batch_reader(url, columns=["image", "label"], num_epochs=None if endless and not cached else 1,
                                shuffle_row_groups=endless, shard=opts.shard, shard_count=opts.shard_count,
                                seed=opts.seed, workers=opts.reader_threads)
     try:
         ds = make_petastorm_dataset(reader)
         ds = ds.map(lambda b: _decode(b.image, b.label, opts.shape), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.unbatch()
-        if endless:
+        if cached:
+            ds = ds.cache().shuffle(max(opts.max_rows, 1), seed=opts.seed, reshuffle_each_iteration=True).repeat()
+        elif endless:
             ds = ds.shuffle(opts.shuffle_buffer, seed=opts.seed, reshuffle_each_iteration=True)
         ds = ds.batch(opts.batch_size, drop_remainder=endless)
         if endless and opts.augment:

@@ -96,7 +96,8 @@ def worker_spec(cfg: Config, ds: DatasetVersion, manifest: Manifest, run_id: str
         schedule=t.schedule, warmup_epochs=t.warmup_epochs, epochs=t.epochs, batch_size=t.batch_size,
         early_stopping_patience=t.early_stopping_patience,
         class_weights=tuple(weights[i] for i in range(manifest.num_classes)) if t.class_weights else (),
-        augment=t.augment, shuffle_buffer=t.shuffle_buffer, seed=t.seed,
+        augment=t.augment, shuffle_buffer=t.shuffle_buffer, cache_mb=t.cache_mb, reader_threads=t.reader_threads,
+        seed=t.seed,
         mixed_precision=t.mixed_precision, fp16_allreduce=t.fp16_allreduce,
         checkpoint_dir=str(resolve_path(cfg.paths.checkpoints_root) / run_id),
         tracking_uri=tracking.tracking_uri(cfg), run_id=run_id, start_epoch=start_epoch, history=history)
@@ -201,6 +202,8 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
                      f"batch {t.batch_size}/worker, {t.optimizer} lr {t.learning_rate:g}")
         env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONWARNINGS": "ignore",
                "TF_CPP_MIN_LOG_LEVEL": "0" if is_verbose() else "3", "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg)}
+        if t.horovod_cycle_time_ms is not None:
+            env["HOROVOD_CYCLE_TIME"] = f"{t.horovod_cycle_time_ms:g}"  # Horovod reads it in milliseconds
         spark.sparkContext.setJobDescription("sparkvision train (horovod)")
         printer.start()
         try:

@@ -41,6 +41,8 @@ class WorkerSpec:
     class_weights: tuple[float, ...]
     augment: bool
     shuffle_buffer: int
+    cache_mb: int
+    reader_threads: int
     seed: int
     mixed_precision: str
     checkpoint_dir: str
@@ -54,6 +56,17 @@ class WorkerSpec:
 def steps_per_epoch(train_rows: int, batch_size: int, workers: int) -> int:
     """The same number of steps on every worker, from the manifest: one pass over the data in global batches."""
     return max(1, train_rows // (batch_size * workers))
+
+
+def cache_shard(train_rows: int, workers: int, shape: tuple[int, int, int], cache_mb: int) -> bool:
+    """Whether a worker's share of the training split (raw uint8 pixels) fits the in-memory cache budget."""
+    shard_bytes = math.ceil(train_rows / workers) * math.prod(shape)
+    return cache_mb > 0 and shard_bytes <= cache_mb * 2**20
+
+
+def reader_threads(configured: int, cores: int, workers_here: int) -> int:
+    """petastorm reader threads for one worker: as configured, or (0) the cores each worker on this machine gets."""
+    return configured if configured > 0 else max(1, cores // max(1, workers_here))
 
 
 def weights_digest(model) -> str:
@@ -163,8 +176,11 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
         return tf.reduce_sum(losses), correct, tf.cast(tf.shape(y)[0], tf.float32)
 
+    # Horovod: each worker reads shard `rank` of `size`; workers on one machine split its cores for reading too.
     feed = FeedOptions(spec.shape, spec.batch_size, rank, size, spec.seed + rank, spec.shuffle_buffer,
-                       spec.augment, spec.class_weights)
+                       spec.augment, spec.class_weights,
+                       reader_threads=reader_threads(spec.reader_threads, os.cpu_count() or 1, hvd.local_size()),
+                       cache=cache_shard(spec.train_rows, size, spec.shape, spec.cache_mb), max_rows=spec.train_rows)
     steps_run = 0
     epochs_run = 0
     with split_dataset(spec.train_url, feed, endless=True) as train_ds:
@@ -255,4 +271,5 @@ def _log_epoch(spec: WorkerSpec, metrics: dict[str, float]) -> None:
         print(f"mlflow logging failed: {exc}", file=sys.stderr)
 
 
-__all__ = ["WorkerSpec", "train_worker", "steps_per_epoch", "read_state", "PROGRESS_FILE"]
+__all__ = ["WorkerSpec", "train_worker", "steps_per_epoch", "cache_shard", "reader_threads", "read_state",
+           "PROGRESS_FILE"]

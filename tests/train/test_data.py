@@ -1,0 +1,77 @@
+"""The petastorm -> tf.data feed of one worker's shard: streamed and cached, on a small Parquet split built here."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.train.data import FeedOptions, open_batch_reader, split_dataset
+from pipelines.train.worker import cache_shard, reader_threads
+
+SHAPE = (4, 4, 1)
+
+
+@pytest.fixture(scope="module")
+def split_url(tmp_path_factory):
+    """200 rows in 4 row groups of 50; row i has label i % 10 and its id i in the first two pixel bytes."""
+    root = tmp_path_factory.mktemp("feed") / "train"
+    root.mkdir()
+    ids = np.arange(200)
+    pixels = np.zeros((200, 16), np.uint8)
+    pixels[:, 0], pixels[:, 1] = ids // 256, ids % 256
+    table = pa.table({"image": pa.array([p.tobytes() for p in pixels], pa.binary()),
+                      "label": pa.array(ids % 10, pa.int64())})
+    pq.write_table(table, root / "part-0.parquet", row_group_size=50)
+    return root.as_uri()
+
+
+def row_ids(x: np.ndarray) -> list[int]:
+    return list(x[:, 0, 0, 0].astype(int) * 256 + x[:, 0, 1, 0].astype(int))
+
+
+def shard_ids(url: str, shard: int) -> set[int]:
+    ids = set()
+    with open_batch_reader(url, columns=["image"], shard=shard, shard_count=2) as reader:
+        for batch in reader:
+            for raw in batch.image:
+                ids.add(raw[0] * 256 + raw[1])
+    return ids
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_training_feed_serves_every_row_of_its_shard_each_pass(split_url, cache):
+    mine = shard_ids(split_url, 0)
+    assert len(mine) == 100 and not mine & shard_ids(split_url, 1)
+    opts = FeedOptions(SHAPE, batch_size=10, shard=0, shard_count=2, seed=7, shuffle_buffer=20, cache=cache,
+                       max_rows=200, reader_threads=1)
+    with split_dataset(split_url, opts, endless=True) as ds:
+        batches = iter(ds)
+        passes = []
+        for _ in range(3):
+            seen = []
+            for _ in range(10):
+                x, y, w = (t.numpy() for t in next(batches))
+                assert x.shape == (10, *SHAPE) and (y == np.array(row_ids(x)) % 10).all() and (w == 1).all()
+                seen += row_ids(x)
+            passes.append(seen)
+    for seen in passes:
+        if cache:  # a cached pass is an exact permutation of the shard
+            assert sorted(seen) == sorted(mine)
+        else:  # a streamed pass may hold rows of the next one in its shuffle buffer
+            assert set(seen) <= mine and len(set(seen)) > 80
+    assert passes[0] != sorted(passes[0]), "rows must be shuffled"
+    assert passes[0] != passes[1] != passes[2], "each pass must be shuffled anew"
+
+
+def test_cache_budget_counts_one_workers_share_of_raw_pixels():
+    # Fashion-MNIST train: 54,000 x 784 bytes = 40.4 MiB in all, 20.2 MiB per worker of 2
+    assert cache_shard(54_000, 2, (28, 28, 1), cache_mb=21)
+    assert not cache_shard(54_000, 2, (28, 28, 1), cache_mb=20)
+    assert cache_shard(54_000, 1, (28, 28, 1), cache_mb=41)
+    assert not cache_shard(54_000, 2, (28, 28, 1), cache_mb=0)
+
+
+def test_reader_threads_split_the_cores_between_workers_on_one_machine():
+    assert reader_threads(0, cores=2, workers_here=2) == 1
+    assert reader_threads(0, cores=16, workers_here=4) == 4
+    assert reader_threads(0, cores=2, workers_here=4) == 1
+    assert reader_threads(3, cores=2, workers_here=2) == 3
