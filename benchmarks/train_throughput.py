@@ -103,6 +103,9 @@ def main() -> None:
     ceiling = two_processes_ceiling(manifest, ds.split_path("train"), args.model, args.batch_size, args.epochs)
 
     one, two = results[1], results[2]
+    t = cfg.train
+    print(f"\nfeed and Horovod settings: train.cache_mb={t.cache_mb}, train.reader_threads={t.reader_threads} (0 = cores "
+          f"per worker), train.horovod_cycle_time_ms={t.horovod_cycle_time_ms} (null = Horovod's 1 ms)")
     report(f"training throughput, {args.model}, batch {args.batch_size}/worker, Fashion-MNIST train split, 2 cores",
            [("in-memory model.fit (numpy)", baseline, "images/s"),
             ("pipeline, 1 Horovod worker", one["images_per_second"], "images/s"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -20,8 +21,7 @@ class FeedOptions:
     augment: bool = False
     class_weights: tuple[float, ...] = ()
     reader_threads: int = 2
-    cache: bool = False  # training only: decode the shard once, then serve every epoch from memory
-    max_rows: int = 0  # an upper bound on the shard's rows (the split's count): the full-shuffle buffer size
+    cache: bool = False  # training only: read the shard once, then serve every epoch from memory
 
 
 def _race_free_thread_pool(workers: int, seed: int):
@@ -77,39 +77,72 @@ def _augment(x: tf.Tensor, shape) -> tf.Tensor:
     return tf.where(flip, tf.reverse(shifted, axis=[2]), shifted)
 
 
+def read_shard(url: str, opts: FeedOptions) -> tuple[tf.Tensor, tf.Tensor]:
+    """One petastorm pass over this worker's shard (row groups in seeded random order) into memory:
+    (n, H, W, C) uint8 pixels and (n,) int32 labels. The reader and its threads are gone when this returns."""
+    import numpy as np
+
+    pixels, labels = [], []
+    with open_batch_reader(url, columns=["image", "label"], num_epochs=1, shuffle_row_groups=True,
+                           shard=opts.shard, shard_count=opts.shard_count, seed=opts.seed,
+                           workers=opts.reader_threads) as reader:
+        for batch in reader:
+            raw = np.frombuffer(b"".join(batch.image), np.uint8)
+            if raw.size != len(batch.image) * math.prod(opts.shape):
+                raise ValueError(f"{url}: images are not all {'x'.join(map(str, opts.shape))} uint8")
+            pixels.append(raw.reshape(-1, *opts.shape))
+            labels.append(np.asarray(batch.label, np.int32))
+    if not pixels:
+        raise ValueError(f"{url}: shard {opts.shard} of {opts.shard_count} is empty")
+    return tf.constant(np.concatenate(pixels)), tf.constant(np.concatenate(labels))
+
+
+def _with_weights(ds: tf.data.Dataset, opts: FeedOptions) -> tf.data.Dataset:
+    """(x, y) batches -> (x, y, per-example loss weights): class weights from the manifest, or ones."""
+    weights = tf.constant(opts.class_weights or [1.0], tf.float32)
+    if opts.class_weights:
+        return ds.map(lambda x, y: (x, y, tf.gather(weights, y)))
+    return ds.map(lambda x, y: (x, y, tf.ones_like(y, tf.float32)))
+
+
 @contextlib.contextmanager
 def split_dataset(url: str, opts: FeedOptions, *, endless: bool) -> Iterator[tf.data.Dataset]:
     """Batches (pixels, labels, sample_weights) from this worker's shard.
 
     endless=True (training): repeated forever; the caller takes exactly the steps it needs, so every worker runs
-    the same number of steps whatever its shard size. Streamed (opts.cache False): row groups are reshuffled
-    every pass and rows mixed in a shuffle buffer. Cached: petastorm reads the shard once, tf.data keeps the
-    decoded rows in memory, and every pass over them is a full, seeded shuffle of the shard.
+    the same number of steps whatever its shard size.
+    - streamed (opts.cache False): petastorm reads on, row groups reshuffled every pass, rows mixed in a
+      shuffle buffer of opts.shuffle_buffer.
+    - cached: petastorm reads the shard once (read_shard); every pass is then a full, seeded shuffle of the rows
+      in memory, gathered a batch at a time (no reader threads, no per-row tf.data work).
     endless=False (validation): one pass over the shard, every row once, no shuffling.
     """
+    if endless and opts.cache:
+        pixels, labels = read_shard(url, opts)
+        ds = tf.data.Dataset.range(int(labels.shape[0]))
+        ds = ds.shuffle(int(labels.shape[0]), seed=opts.seed, reshuffle_each_iteration=True).repeat()
+        ds = ds.batch(opts.batch_size, drop_remainder=True)
+        ds = ds.map(lambda i: (tf.gather(pixels, i), tf.gather(labels, i)))
+        if opts.augment:
+            ds = ds.map(lambda x, y: (_augment(x, opts.shape), y), num_parallel_calls=tf.data.AUTOTUNE)
+        yield _with_weights(ds, opts).prefetch(tf.data.AUTOTUNE)
+        return
+
     from petastorm.tf_utils import make_petastorm_dataset
 
-    cached = endless and opts.cache
-    reader = open_batch_reader(url, columns=["image", "label"], num_epochs=None if endless and not cached else 1,
+    reader = open_batch_reader(url, columns=["image", "label"], num_epochs=None if endless else 1,
                                shuffle_row_groups=endless, shard=opts.shard, shard_count=opts.shard_count,
                                seed=opts.seed, workers=opts.reader_threads)
     try:
         ds = make_petastorm_dataset(reader)
         ds = ds.map(lambda b: _decode(b.image, b.label, opts.shape), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.unbatch()
-        if cached:
-            ds = ds.cache().shuffle(max(opts.max_rows, 1), seed=opts.seed, reshuffle_each_iteration=True).repeat()
-        elif endless:
+        if endless:
             ds = ds.shuffle(opts.shuffle_buffer, seed=opts.seed, reshuffle_each_iteration=True)
         ds = ds.batch(opts.batch_size, drop_remainder=endless)
         if endless and opts.augment:
             ds = ds.map(lambda x, y: (_augment(x, opts.shape), y), num_parallel_calls=tf.data.AUTOTUNE)
-        weights = tf.constant(opts.class_weights or [1.0], tf.float32)
-        if opts.class_weights:
-            ds = ds.map(lambda x, y: (x, y, tf.gather(weights, y)))
-        else:
-            ds = ds.map(lambda x, y: (x, y, tf.ones_like(y, tf.float32)))
-        yield ds.prefetch(tf.data.AUTOTUNE)
+        yield _with_weights(ds, opts).prefetch(tf.data.AUTOTUNE)
     finally:
         reader.stop()
         reader.join()

@@ -180,7 +180,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     feed = FeedOptions(spec.shape, spec.batch_size, rank, size, spec.seed + rank, spec.shuffle_buffer,
                        spec.augment, spec.class_weights,
                        reader_threads=reader_threads(spec.reader_threads, os.cpu_count() or 1, hvd.local_size()),
-                       cache=cache_shard(spec.train_rows, size, spec.shape, spec.cache_mb), max_rows=spec.train_rows)
+                       cache=cache_shard(spec.train_rows, size, spec.shape, spec.cache_mb))
     steps_run = 0
     epochs_run = 0
     with split_dataset(spec.train_url, feed, endless=True) as train_ds:

@@ -42,7 +42,7 @@ def test_training_feed_serves_every_row_of_its_shard_each_pass(split_url, cache)
     mine = shard_ids(split_url, 0)
     assert len(mine) == 100 and not mine & shard_ids(split_url, 1)
     opts = FeedOptions(SHAPE, batch_size=10, shard=0, shard_count=2, seed=7, shuffle_buffer=20, cache=cache,
-                       max_rows=200, reader_threads=1)
+                       reader_threads=1)
     with split_dataset(split_url, opts, endless=True) as ds:
         batches = iter(ds)
         passes = []
