@@ -40,6 +40,8 @@ def test_every_shipped_overlay_is_valid():
     (["train.scale_lr=1"], "'train.scale_lr' must be true or false"),
     (["ingest.split.validation=0.6", "ingest.split.test=0.5"], "validation + test < 1"),
     (["nosuchsection.x=1"], "unknown key 'nosuchsection'"),
+    (["train.cache_mb=-1"], "'train.cache_mb' must be at least 0"),
+    (["train.horovod_cycle_time_ms=0"], "'train.horovod_cycle_time_ms' must be greater than 0, or null"),
 ])
 def test_bad_values_name_the_key_and_the_source(overrides, message):
     with pytest.raises(ConfigError) as err:
