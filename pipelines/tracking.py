@@ -112,7 +112,7 @@ def ui_command(cfg: Config) -> str:
     uri = tracking_uri(cfg)
     if uri.startswith("http"):
         return f"open {uri}"
-    return f"sparkvision ui --conf {cfg.sources[-1]}" if len(cfg.sources) > 1 else "sparkvision ui"
+    return " ".join(["sparkvision ui", *(f"--conf {src}" for src in cfg.sources[1:])])  # sources[0] is base.yaml
 
 
 def dump_yaml(data: dict[str, Any]) -> str:

@@ -28,3 +28,12 @@ def test_relative_sqlite_uri_is_made_absolute(cfg_factory, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     cfg = cfg_factory("mlflow.tracking_uri=sqlite:///rel/mlflow.db")
     assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path}/rel/mlflow.db"
+
+
+def test_ui_command_repeats_every_conf_file_the_job_was_given():
+    from pipelines.config import CONF_DIR, load_config
+
+    cfg = load_config([CONF_DIR / "local.yaml", CONF_DIR / "profiles/accurate.yaml"])
+    assert tracking.ui_command(cfg) == (f"sparkvision ui --conf {CONF_DIR / 'local.yaml'} "
+                                        f"--conf {CONF_DIR / 'profiles/accurate.yaml'}")
+    assert tracking.ui_command(load_config([])) == "sparkvision ui"
