@@ -46,10 +46,15 @@ def in_memory_fit(manifest, train_dir, model_name: str, batch: int, epochs: int,
 
 
 def _single_thread_fit(args: tuple) -> float:
-    """One process with a worker's thread budget (1 intra-op thread), in-memory fit on its half of the rows."""
-    manifest, train_dir, model_name, batch, epochs, part = args
+    """One process with a worker's thread budget (1 intra-op thread, and the worker's cores when train.bind_cores
+    binds workers), in-memory fit on its half of the rows."""
+    manifest, train_dir, model_name, batch, epochs, part, bind = args
     import os
 
+    if bind:
+        from pipelines.train.worker import bind_to_cores, core_group
+
+        bind_to_cores(core_group(sorted(os.sched_getaffinity(0)), part[0], part[1]))
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     import tensorflow as tf
 
@@ -58,13 +63,13 @@ def _single_thread_fit(args: tuple) -> float:
     return in_memory_fit(manifest, train_dir, model_name, batch, epochs, part=part)
 
 
-def two_processes_ceiling(manifest, train_dir, model_name: str, batch: int, epochs: int) -> float:
+def two_processes_ceiling(manifest, train_dir, model_name: str, batch: int, epochs: int, bind: bool) -> float:
     """Total images/s of 2 independent single-thread model.fit processes at once (no Horovod, no allreduce):
     what 2 workers could reach on these 2 cores if communication were free."""
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(2) as pool:
-        return sum(pool.map(_single_thread_fit, [(manifest, train_dir, model_name, batch, epochs, (i, 2))
+        return sum(pool.map(_single_thread_fit, [(manifest, train_dir, model_name, batch, epochs, (i, 2), bind)
                                                  for i in range(2)]))
 
 
@@ -100,12 +105,14 @@ def main() -> None:
         results[workers] = out["metrics"]
     spark.stop()
     baseline = in_memory_fit(manifest, ds.split_path("train"), args.model, args.batch_size, args.epochs)
-    ceiling = two_processes_ceiling(manifest, ds.split_path("train"), args.model, args.batch_size, args.epochs)
+    ceiling = two_processes_ceiling(manifest, ds.split_path("train"), args.model, args.batch_size, args.epochs,
+                                    cfg.train.bind_cores)
 
     one, two = results[1], results[2]
     t = cfg.train
     print(f"\nfeed and Horovod settings: train.cache_mb={t.cache_mb}, train.reader_threads={t.reader_threads} (0 = cores "
-          f"per worker), train.horovod_cycle_time_ms={t.horovod_cycle_time_ms} (null = Horovod's 1 ms)")
+          f"per worker), train.horovod_cycle_time_ms={t.horovod_cycle_time_ms} (null = Horovod's 1 ms), "
+          f"train.bind_cores={str(t.bind_cores).lower()}")
     report(f"training throughput, {args.model}, batch {args.batch_size}/worker, Fashion-MNIST train split, 2 cores",
            [("in-memory model.fit (numpy)", baseline, "images/s"),
             ("pipeline, 1 Horovod worker", one["images_per_second"], "images/s"),

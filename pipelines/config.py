@@ -110,6 +110,7 @@ class TrainConfig:
     shuffle_buffer: int
     cache_mb: int
     reader_threads: int
+    bind_cores: bool
     seed: int
     mixed_precision: Literal["auto", "on", "off"]
     fp16_allreduce: bool

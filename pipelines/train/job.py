@@ -97,7 +97,7 @@ def worker_spec(cfg: Config, ds: DatasetVersion, manifest: Manifest, run_id: str
         early_stopping_patience=t.early_stopping_patience,
         class_weights=tuple(weights[i] for i in range(manifest.num_classes)) if t.class_weights else (),
         augment=t.augment, shuffle_buffer=t.shuffle_buffer, cache_mb=t.cache_mb, reader_threads=t.reader_threads,
-        seed=t.seed,
+        seed=t.seed, bind_cores=t.bind_cores,
         mixed_precision=t.mixed_precision, fp16_allreduce=t.fp16_allreduce,
         checkpoint_dir=str(resolve_path(cfg.paths.checkpoints_root) / run_id),
         tracking_uri=tracking.tracking_uri(cfg), run_id=run_id, start_epoch=start_epoch, history=history)
@@ -235,5 +235,6 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
                  f"version {version}; UI: {tracking.ui_command(cfg)}")
     return {"stage": "train", "run_id": run_id, "model_uri": model_uri, "registered_model": cfg.mlflow.registered_model,
             "version": version, "dataset": ds.ref, "epochs_run": len(history), "workers": len(results),
-            "steps_per_worker": chief["steps"], "weights_in_sync": True, "weights_digest": chief["weights_digest"], "metrics": {k: v for k, v in final.items() if k != "epoch"},
+            "steps_per_worker": chief["steps"], "weights_in_sync": True, "weights_digest": chief["weights_digest"],
+            "worker_cores": [r["cores"] for r in results], "metrics": {k: v for k, v in final.items() if k != "epoch"},
             "seconds": round(took, 1)}

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.train.data import FeedOptions, open_batch_reader, split_dataset
-from pipelines.train.worker import cache_shard, reader_threads
+from pipelines.train.worker import cache_shard, core_group, reader_threads
 
 SHAPE = (4, 4, 1)
 
@@ -75,3 +75,12 @@ def test_reader_threads_split_the_cores_between_workers_on_one_machine():
     assert reader_threads(0, cores=16, workers_here=4) == 4
     assert reader_threads(0, cores=2, workers_here=4) == 1
     assert reader_threads(3, cores=2, workers_here=2) == 3
+
+
+def test_core_groups_split_the_allowed_cores_without_overlap():
+    assert core_group([0, 1], 0, 2) == [0] and core_group([0, 1], 1, 2) == [1]
+    groups = [core_group([4, 5, 6, 7, 8], r, 2) for r in range(2)]
+    assert groups == [[4, 5], [6, 7, 8]]  # every allowed core used, none twice
+    assert core_group([3, 1, 2, 0], 0, 1) == [0, 1, 2, 3]
+    # more workers than cores: one core each, shared round-robin
+    assert [core_group([0, 1], r, 4) for r in range(4)] == [[0], [1], [0], [1]]

@@ -1,4 +1,5 @@
 """Distributed training with real Horovod workers (Gloo) on a real local[2] SparkSession."""
+import os
 import sys
 
 import cloudpickle
@@ -50,9 +51,15 @@ def test_two_workers_train_in_sync_and_log_everything(spark, small):
             shard_rows.append(sum(len(b.label) for b in reader))
     assert sum(shard_rows) == ingested["counts"]["splits"]["train"]
     assert shard_rows[0] != shard_rows[1], "the fixture must give the two workers uneven shards"
-    cfg = cfg_for(small, "train.epochs=4")
+    cfg = cfg_for(small, "train.epochs=4", "train.bind_cores=true")
     out = run_train(spark, cfg)
     assert out["workers"] == 2 and out["weights_in_sync"]
+    allowed = sorted(os.sched_getaffinity(0))
+    cores0, cores1 = out["worker_cores"]
+    if len(allowed) >= 2:  # each worker kept to its own cores
+        assert cores0 and cores1 and not set(cores0) & set(cores1) and set(cores0) | set(cores1) <= set(allowed)
+    else:
+        assert cores0 == cores1 == allowed
     assert out["steps_per_worker"] == 4 * steps_per_epoch(ingested["counts"]["splits"]["train"], 32, 2)
     client = mlflow.MlflowClient()
     run = client.get_run(out["run_id"])
