@@ -21,7 +21,7 @@ class FeedOptions:
     augment: bool = False
     class_weights: tuple[float, ...] = ()
     reader_threads: int = 2
-    cache: bool = False  # training only: read the shard once, then serve every epoch from memory
+    cache: bool = False  # read the shard once, then serve every epoch from memory
 
 
 def _race_free_thread_pool(workers: int, seed: int):
@@ -115,7 +115,8 @@ def split_dataset(url: str, opts: FeedOptions, *, endless: bool) -> Iterator[tf.
       shuffle buffer of opts.shuffle_buffer.
     - cached: petastorm reads the shard once (read_shard); every pass is then a full, seeded shuffle of the rows
       in memory, gathered a batch at a time (no reader threads, no per-row tf.data work).
-    endless=False (validation): one pass over the shard, every row once, no shuffling.
+    endless=False (validation): one pass over the shard, every row once, no shuffling; see ValidationFeed for
+    keeping it in memory between epochs.
     """
     if endless and opts.cache:
         pixels, labels = read_shard(url, opts)
@@ -146,3 +147,25 @@ def split_dataset(url: str, opts: FeedOptions, *, endless: bool) -> Iterator[tf.
     finally:
         reader.stop()
         reader.join()
+
+
+class ValidationFeed:
+    """One pass over this worker's validation shard per epoch. With opts.cache the shard is read once, on the
+    first epoch, and every later pass comes from memory; otherwise petastorm streams it every epoch."""
+
+    def __init__(self, url: str, opts: FeedOptions):
+        self.url, self.opts = url, opts
+        self._cached: tf.data.Dataset | None = None
+
+    @contextlib.contextmanager
+    def one_pass(self) -> Iterator[tf.data.Dataset]:
+        """(pixels, labels, weights) batches covering every row of the shard once."""
+        if not self.opts.cache:
+            with split_dataset(self.url, self.opts, endless=False) as ds:
+                yield ds
+            return
+        if self._cached is None:
+            pixels, labels = read_shard(self.url, self.opts)
+            ds = tf.data.Dataset.from_tensor_slices((pixels, labels)).batch(self.opts.batch_size)
+            self._cached = _with_weights(ds, self.opts).prefetch(tf.data.AUTOTUNE)
+        yield self._cached

@@ -59,9 +59,10 @@ def steps_per_epoch(train_rows: int, batch_size: int, workers: int) -> int:
     return max(1, train_rows // (batch_size * workers))
 
 
-def cache_shard(train_rows: int, workers: int, shape: tuple[int, int, int], cache_mb: int) -> bool:
-    """Whether a worker's share of the training split (raw uint8 pixels) fits the in-memory cache budget."""
-    shard_bytes = math.ceil(train_rows / workers) * math.prod(shape)
+def cache_shard(rows: int, workers: int, shape: tuple[int, int, int], cache_mb: int) -> bool:
+    """Whether a worker's share of `rows` (training plus validation; raw uint8 pixels) fits the in-memory cache
+    budget."""
+    shard_bytes = math.ceil(rows / workers) * math.prod(shape)
     return cache_mb > 0 and shard_bytes <= cache_mb * 2**20
 
 
@@ -162,7 +163,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     import tf_keras as keras
 
     from pipelines.models import ModelOptions, build_model
-    from pipelines.train.data import FeedOptions, split_dataset
+    from pipelines.train.data import FeedOptions, ValidationFeed, split_dataset
     from pipelines.train.schedule import LearningRate, make_optimizer
 
     hvd.init()  # Horovod: join the other workers (Gloo rendezvous through the Spark driver)
@@ -221,9 +222,10 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
                        spec.augment, spec.class_weights,
                        reader_threads=reader_threads(spec.reader_threads, len(cores),
                                                      1 if spec.bind_cores else hvd.local_size()),
-                       cache=cache_shard(spec.train_rows, size, spec.shape, spec.cache_mb))
+                       cache=cache_shard(spec.train_rows + spec.validation_rows, size, spec.shape, spec.cache_mb))
     steps_run = 0
     epochs_run = 0
+    validation = ValidationFeed(spec.validation_url, feed) if spec.validation_url else None
     with split_dataset(spec.train_url, feed, endless=True) as train_ds:
         batches = iter(train_ds)
         for epoch in range(start_epoch, spec.epochs):
@@ -255,9 +257,9 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
                        "lr": float(lr.at(epoch, steps - 1)), "epoch_seconds": seconds,
                        "images_per_second": steps * spec.batch_size * size / seconds,
                        "input_wait_fraction": wait_avg}
-            if spec.validation_url:
+            if validation is not None:
                 totals = np.zeros(3)
-                with split_dataset(spec.validation_url, feed, endless=False) as val_ds:
+                with validation.one_pass() as val_ds:
                     for x, y, _ in val_ds:
                         totals += np.array([t.numpy() for t in eval_step(x, y)])
                 # Horovod: exact validation metrics: sum the shards' totals over all workers.

@@ -84,3 +84,29 @@ def test_core_groups_split_the_allowed_cores_without_overlap():
     assert core_group([3, 1, 2, 0], 0, 1) == [0, 1, 2, 3]
     # more workers than cores: one core each, shared round-robin
     assert [core_group([0, 1], r, 4) for r in range(4)] == [[0], [1], [0], [1]]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_validation_feed_covers_its_shard_once_per_epoch(split_url, tmp_path, cache):
+    import shutil
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from pipelines.train.data import ValidationFeed
+
+    local = tmp_path / "validation"
+    shutil.copytree(Path(urlparse(split_url).path), local)
+    mine = shard_ids(local.as_uri(), 0)
+    feed = ValidationFeed(local.as_uri(), FeedOptions(SHAPE, batch_size=30, shard=0, shard_count=2, cache=cache,
+                                                      reader_threads=1))
+
+    def one_pass() -> list[int]:
+        with feed.one_pass() as ds:
+            return [i for x, _, _ in ds for i in row_ids(x.numpy())]
+
+    first = one_pass()
+    assert sorted(first) == sorted(mine)
+    if cache:  # later epochs come from memory: the files are no longer read
+        shutil.rmtree(local)
+    assert sorted(one_pass()) == sorted(mine)
+
