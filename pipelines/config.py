@@ -341,7 +341,9 @@ def _coerce(tp: Any, value: Any, dotted: str, origin: dict[str, str]) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, dotted, origin)
     if o is Literal:
-        if value not in args:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+        if isinstance(value, bool) or value not in args:  # True == 1 must not pass for Literal[1, 3]
             raise fail("one of " + ", ".join(map(str, args)))
         return value
     if o is list:

@@ -42,6 +42,7 @@ def test_every_shipped_overlay_is_valid():
     (["nosuchsection.x=1"], "unknown key 'nosuchsection'"),
     (["train.cache_mb=-1"], "'train.cache_mb' must be at least 0"),
     (["train.horovod_cycle_time_ms=0"], "'train.horovod_cycle_time_ms' must be greater than 0, or null"),
+    (["ingest.image.channels=true"], "'ingest.image.channels' must be one of 1, 3"),
 ])
 def test_bad_values_name_the_key_and_the_source(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -100,3 +101,8 @@ def test_unbuilt_subcommand_says_so_and_fails():
     res = _cli("tune", "--conf", "conf/local.yaml")
     assert res.returncode != 0
     assert "not built yet" in res.stderr
+
+
+def test_bare_on_and_off_mean_the_words_not_booleans():
+    assert load_config([], ["train.mixed_precision=on"]).train.mixed_precision == "on"
+    assert load_config([], ["train.mixed_precision=off"]).train.mixed_precision == "off"
