@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.train.data import FeedOptions, open_batch_reader, split_dataset
-from pipelines.train.worker import cache_shard, core_group, reader_threads
+from pipelines.train.worker import cache_shard, core_group, cores_per_worker, reader_threads
 
 SHAPE = (4, 4, 1)
 
@@ -71,10 +71,12 @@ def test_cache_budget_counts_one_workers_share_of_raw_pixels():
 
 
 def test_reader_threads_split_the_cores_between_workers_on_one_machine():
-    assert reader_threads(0, cores=2, workers_here=2) == 1
-    assert reader_threads(0, cores=16, workers_here=4) == 4
-    assert reader_threads(0, cores=2, workers_here=4) == 1
-    assert reader_threads(3, cores=2, workers_here=2) == 3
+    assert reader_threads(0, cores_per_worker(2, workers_here=2, bound=False)) == 1
+    assert reader_threads(0, cores_per_worker(16, workers_here=4, bound=False)) == 4
+    assert reader_threads(0, cores_per_worker(2, workers_here=4, bound=False)) == 1
+    assert reader_threads(3, cores_per_worker(2, workers_here=2, bound=False)) == 3
+    # bound: the worker's own core group (already its share) is all its own
+    assert reader_threads(0, cores_per_worker(3, workers_here=2, bound=True)) == 3
 
 
 def test_core_groups_split_the_allowed_cores_without_overlap():
