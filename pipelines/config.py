@@ -112,7 +112,7 @@ class TrainConfig:
     reader_threads: int
     bind_cores: bool
     seed: int
-    mixed_precision: Literal["auto", "on", "off"]
+    mixed_precision: Literal["auto", "on", "off", "float16", "bfloat16"]
     fp16_allreduce: bool
     horovod_cycle_time_ms: Optional[float]
     timeout_s: int

@@ -224,7 +224,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
             raise PipelineError(f"workers finished out of sync: weight digests {digests}, steps {steps}")
         chief = results[0]
         history = chief["history"]
-        mlflow.set_tags({"weights_in_sync": "true", "mixed_precision": str(chief["mixed_precision"]).lower()})
+        mlflow.set_tags({"weights_in_sync": "true", "precision": chief["precision"]})
         final = history[-1]
         mlflow.log_metrics({f"final_{k}": v for k, v in final.items() if k != "epoch"})
         _learning_curve(history)
@@ -235,6 +235,6 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
                  f"version {version}; UI: {tracking.ui_command(cfg)}")
     return {"stage": "train", "run_id": run_id, "model_uri": model_uri, "registered_model": cfg.mlflow.registered_model,
             "version": version, "dataset": ds.ref, "epochs_run": len(history), "workers": len(results),
-            "steps_per_worker": chief["steps"], "weights_in_sync": True, "weights_digest": chief["weights_digest"],
+            "steps_per_worker": chief["steps"], "weights_in_sync": True, "precision": chief["precision"], "weights_digest": chief["weights_digest"],
             "worker_cores": [r["cores"] for r in results], "metrics": {k: v for k, v in final.items() if k != "epoch"},
             "seconds": round(took, 1)}

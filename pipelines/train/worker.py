@@ -88,6 +88,28 @@ def core_group(allowed: list[int], local_rank: int, local_size: int) -> list[int
     return cores[local_rank * n // local_size:(local_rank + 1) * n // local_size]
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this machine's CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def precision_policy(setting: str, has_gpu: bool) -> str:
+    """The Keras dtype policy for `train.mixed_precision`: float16 compute on a GPU, bfloat16 on a CPU (where
+    float16 is emulated), float32 when off; `auto` turns it on only on a GPU."""
+    if setting in ("float16", "bfloat16"):
+        return f"mixed_{setting}"
+    if setting == "off" or (setting == "auto" and not has_gpu):
+        return "float32"
+    return "mixed_float16" if has_gpu else "mixed_bfloat16"
+
+
 def _thread_ids() -> list[int]:
     return [int(tid) for tid in os.listdir("/proc/self/task")]
 
@@ -120,9 +142,9 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def _setup_devices(tf, hvd, mixed_precision: str, bind_cores: bool) -> tuple[bool, int]:
-    """GPU pinning or CPU core split, and the mixed-precision policy; returns (mixed precision on, the number of
-    cores this worker has to itself)."""
+def _setup_devices(tf, hvd, mixed_precision: str, bind_cores: bool) -> tuple[str, int]:
+    """GPU pinning or CPU core split, and the dtype policy; returns (the policy's name, the number of cores this
+    worker has to itself)."""
     cores = sorted(os.sched_getaffinity(0))
     if bind_cores:
         # Horovod: like `mpirun --bind-to core`, each worker on this machine keeps to its own cores, so workers do
@@ -139,12 +161,14 @@ def _setup_devices(tf, hvd, mixed_precision: str, bind_cores: bool) -> tuple[boo
     else:
         tf.config.threading.set_intra_op_parallelism_threads(per_worker)
         tf.config.threading.set_inter_op_parallelism_threads(2)
-    use_mp = mixed_precision == "on" or (mixed_precision == "auto" and bool(gpus))
-    if use_mp:
-        import tf_keras as keras
+    policy = precision_policy(mixed_precision, bool(gpus))
+    if policy == "mixed_bfloat16" and not gpus and not {"amx_bf16", "avx512_bf16"} & cpu_flags():
+        print("train.mixed_precision: this CPU has no bfloat16 instructions (AMX, AVX512-BF16); bfloat16 will be "
+              "emulated and slower than float32", file=sys.stderr)
+    import tf_keras as keras
 
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    return use_mp, per_worker
+    keras.mixed_precision.set_global_policy(policy)
+    return policy, per_worker
 
 
 def _save_checkpoint(ckpt, directory: Path, state: dict[str, Any]) -> None:
@@ -178,7 +202,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
 
     hvd.init()  # Horovod: join the other workers (Gloo rendezvous through the Spark driver)
     rank, size = hvd.rank(), hvd.size()
-    mixed, own_cores = _setup_devices(tf, hvd, spec.mixed_precision, spec.bind_cores)
+    policy, own_cores = _setup_devices(tf, hvd, spec.mixed_precision, spec.bind_cores)
     tf.random.set_seed(spec.seed + rank)  # Horovod: different augmentation/dropout noise per worker
 
     model = build_model(spec.model, spec.shape, spec.num_classes, spec.mean, spec.std, ModelOptions(**spec.model_options))
@@ -187,7 +211,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     # Horovod: wrap the optimizer so compute_gradients averages the gradients of all workers (allreduce).
     compression = hvd.Compression.fp16 if spec.fp16_allreduce else hvd.Compression.none
     opt = hvd.DistributedOptimizer(base, compression=compression)
-    if mixed:
+    if policy == "mixed_float16":  # float16 gradients underflow without loss scaling; bfloat16 has float32's range
         opt = keras.mixed_precision.LossScaleOptimizer(opt)
     opt.build(model.trainable_variables)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="none")
@@ -300,11 +324,19 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
 
     digest = weights_digest(model)
     result = {"rank": rank, "size": size, "steps": steps_run, "epochs_run": epochs_run,
-              "weights_digest": digest, "mixed_precision": mixed,
+              "weights_digest": digest, "precision": policy,
               "cores": process_cores()}  # after training, so the threads TF and petastorm started count too
     if rank == 0:  # Horovod: one copy of the final model, from rank 0
         model_path = ckpt_dir / "final_model.keras"
-        model.save(str(model_path))
+        served = model
+        if policy != "float32":
+            # the registered model computes in float32: the weights are float32 already, and evaluation and
+            # batch inference run on CPU executors, where float16 is emulated
+            keras.mixed_precision.set_global_policy("float32")
+            served = build_model(spec.model, spec.shape, spec.num_classes, spec.mean, spec.std,
+                                 ModelOptions(**spec.model_options))
+            served.set_weights(model.get_weights())
+        served.save(str(model_path))
         result.update({"model_path": str(model_path), "history": history})
     hvd_tf.join()  # Horovod: nobody leaves before everybody is done
     return result
@@ -324,6 +356,6 @@ def _log_epoch(spec: WorkerSpec, metrics: dict[str, float]) -> None:
         print(f"mlflow logging failed: {exc}", file=sys.stderr)
 
 
-__all__ = ["WorkerSpec", "train_worker", "steps_per_epoch", "cache_shard", "reader_threads", "cores_per_worker", "core_group",
+__all__ = ["WorkerSpec", "train_worker", "steps_per_epoch", "precision_policy", "cpu_flags", "cache_shard", "reader_threads", "cores_per_worker", "core_group",
            "bind_to_cores", "read_state",
            "PROGRESS_FILE"]

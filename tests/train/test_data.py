@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.train.data import FeedOptions, open_batch_reader, split_dataset
-from pipelines.train.worker import cache_shard, core_group, cores_per_worker, reader_threads
+from pipelines.train.worker import cache_shard, core_group, cores_per_worker, precision_policy, reader_threads
 
 SHAPE = (4, 4, 1)
 
@@ -77,6 +77,16 @@ def test_reader_threads_split_the_cores_between_workers_on_one_machine():
     assert reader_threads(3, cores_per_worker(2, workers_here=2, bound=False)) == 3
     # bound: the worker's own core group (already its share) is all its own
     assert reader_threads(0, cores_per_worker(3, workers_here=2, bound=True)) == 3
+
+
+def test_precision_policy_follows_the_device():
+    assert precision_policy("auto", has_gpu=True) == "mixed_float16"
+    assert precision_policy("auto", has_gpu=False) == "float32"
+    assert precision_policy("on", has_gpu=True) == "mixed_float16"
+    assert precision_policy("on", has_gpu=False) == "mixed_bfloat16"  # float16 is emulated on CPUs
+    assert precision_policy("bfloat16", has_gpu=True) == "mixed_bfloat16"
+    assert precision_policy("float16", has_gpu=False) == "mixed_float16"
+    assert precision_policy("off", has_gpu=True) == "float32"
 
 
 def test_core_groups_split_the_allowed_cores_without_overlap():

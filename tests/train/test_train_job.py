@@ -111,6 +111,20 @@ def test_resume_of_unknown_run_is_a_clear_error(spark, small):
         run_train(spark, cfg_for(small), resume="0123456789abcdef")
 
 
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_mixed_precision_trains_in_sync_and_registers_a_float32_model(spark, small, precision):
+    """float16 (the GPU path: loss scaling around the Horovod optimizer, forced here on CPU) and bfloat16 (CPUs)."""
+    out = run_train(spark, cfg_for(small, f"train.mixed_precision={precision}", "train.model=mnist_cnn",
+                                   "train.width=0.25"))
+    assert out["precision"] == f"mixed_{precision}" and out["weights_in_sync"] and out["workers"] == 2
+    assert out["metrics"]["val_accuracy"] > 0.2
+    assert mlflow.get_run(out["run_id"]).data.tags["precision"] == f"mixed_{precision}"
+    model = mlflow.tensorflow.load_model(out["model_uri"])
+    assert {layer.dtype_policy.name for layer in model.layers if layer.weights} == {"float32"}  # served in float32
+    probs = model.predict(np.zeros((2, 28, 28, 1), dtype=np.uint8), verbose=0)
+    assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+
+
 def test_batch_norm_statistics_stay_identical_across_workers(spark, small):
     """BatchNorm moving statistics are not gradients: without averaging, the ranks' weights drift apart."""
     out = run_train(spark, cfg_for(small, "train.model=small_resnet", "train.width=0.25", "train.epochs=1"))
