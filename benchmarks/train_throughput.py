@@ -1,7 +1,7 @@
 """Training throughput: plain model.fit on in-memory numpy vs the pipeline (petastorm -> Horovod) with 1 and 2
 workers, same model, same per-worker batch size, same cores, measured side by side in one run.
 
-    .venv/bin/python benchmarks/train_throughput.py [--model mnist_cnn] [--batch-size 128] [--epochs 2]
+    .venv/bin/python benchmarks/train_throughput.py [--model mnist_cnn] [--batch-size 128] [--epochs 2] [--set train.mixed_precision=bfloat16]
 
 Goals: 1 worker >= 0.9x the in-memory images/s; 2 workers not slower in total than 1; input wait < 5%.
 Figures are taken from the last epoch (the first one includes graph tracing in both). The ceiling line runs two
@@ -17,13 +17,16 @@ from common import BENCH_DIR, ROOT, bench_dataset, report
 
 
 def in_memory_fit(manifest, train_dir, model_name: str, batch: int, epochs: int,
-                  part: tuple[int, int] = (0, 1)) -> float:
-    """Images/s of keras model.fit on numpy arrays held in memory (last epoch); `part` (i, n): rows i::n only."""
+                  part: tuple[int, int] = (0, 1), policy: str = "float32") -> float:
+    """Images/s of keras model.fit on numpy arrays held in memory (last epoch); `part` (i, n): rows i::n only;
+    `policy`: the Keras dtype policy the pipeline's workers train with."""
     import numpy as np
     import pyarrow.parquet as pq
     import tf_keras as keras
 
     from pipelines.models import build_model
+
+    keras.mixed_precision.set_global_policy(policy)
 
     table = pq.read_table(train_dir, columns=["image", "label"])
     x = np.frombuffer(b"".join(table.column("image").to_pylist()), np.uint8).reshape(-1, *manifest.shape)
@@ -48,7 +51,7 @@ def in_memory_fit(manifest, train_dir, model_name: str, batch: int, epochs: int,
 def _single_thread_fit(args: tuple) -> float:
     """One process with a worker's thread budget (1 intra-op thread, and the worker's cores when train.bind_cores
     binds workers), in-memory fit on its half of the rows."""
-    manifest, train_dir, model_name, batch, epochs, part, bind = args
+    manifest, train_dir, model_name, batch, epochs, part, bind, policy = args
     import os
 
     if bind:
@@ -60,16 +63,17 @@ def _single_thread_fit(args: tuple) -> float:
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(2)
-    return in_memory_fit(manifest, train_dir, model_name, batch, epochs, part=part)
+    return in_memory_fit(manifest, train_dir, model_name, batch, epochs, part=part, policy=policy)
 
 
-def two_processes_ceiling(manifest, train_dir, model_name: str, batch: int, epochs: int, bind: bool) -> float:
+def two_processes_ceiling(manifest, train_dir, model_name: str, batch: int, epochs: int, bind: bool,
+                          policy: str) -> float:
     """Total images/s of 2 independent single-thread model.fit processes at once (no Horovod, no allreduce):
     what 2 workers could reach on these 2 cores if communication were free."""
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(2) as pool:
-        return sum(pool.map(_single_thread_fit, [(manifest, train_dir, model_name, batch, epochs, (i, 2), bind)
+        return sum(pool.map(_single_thread_fit, [(manifest, train_dir, model_name, batch, epochs, (i, 2), bind, policy)
                                                  for i in range(2)]))
 
 
@@ -102,18 +106,23 @@ def main() -> None:
     results = {}
     for workers in (1, 2):
         out = run_train(spark, load_config([ROOT / "conf/local.yaml"], base + [f"train.num_proc={workers}"]))
-        results[workers] = out["metrics"]
+        results[workers] = {**out["metrics"], "precision": out["precision"]}
     spark.stop()
-    baseline = in_memory_fit(manifest, ds.split_path("train"), args.model, args.batch_size, args.epochs)
+    policy = results[1]["precision"]  # the workers' dtype policy (train.mixed_precision on this machine)
+    if {results[1]["precision"], results[2]["precision"]} != {policy}:
+        raise SystemExit(f"1 and 2 workers trained with different precision: {results[1]['precision']}, "
+                         f"{results[2]['precision']}")
+    baseline = in_memory_fit(manifest, ds.split_path("train"), args.model, args.batch_size, args.epochs, policy=policy)
     ceiling = two_processes_ceiling(manifest, ds.split_path("train"), args.model, args.batch_size, args.epochs,
-                                    cfg.train.bind_cores)
+                                    cfg.train.bind_cores, policy)
 
     one, two = results[1], results[2]
     t = cfg.train
     print(f"\nfeed and Horovod settings: train.cache_mb={t.cache_mb}, train.reader_threads={t.reader_threads} (0 = cores "
           f"per worker), train.horovod_cycle_time_ms={t.horovod_cycle_time_ms} (null = Horovod's 1 ms), "
           f"train.bind_cores={str(t.bind_cores).lower()}")
-    report(f"training throughput, {args.model}, batch {args.batch_size}/worker, Fashion-MNIST train split, 2 cores",
+    report(f"training throughput, {args.model}, batch {args.batch_size}/worker, {policy}, Fashion-MNIST train split, "
+           "2 cores",
            [("in-memory model.fit (numpy)", baseline, "images/s"),
             ("pipeline, 1 Horovod worker", one["images_per_second"], "images/s"),
             ("pipeline, 2 Horovod workers (total)", two["images_per_second"], "images/s"),

@@ -100,12 +100,13 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def precision_policy(setting: str, has_gpu: bool) -> str:
-    """The Keras dtype policy for `train.mixed_precision`: float16 compute on a GPU, bfloat16 on a CPU (where
-    float16 is emulated), float32 when off; `auto` turns it on only on a GPU."""
+def precision_policy(setting: str, has_gpu: bool, cpu_amx: bool) -> str:
+    """The Keras dtype policy for `train.mixed_precision`. `auto`: float16 compute on a GPU, bfloat16 on a CPU with
+    AMX (measured 1.7x float32's img/s), float32 elsewhere; `on`: float16 on a GPU, bfloat16 on any CPU (float16 is
+    emulated on CPUs); `float16`/`bfloat16` as named; `off`: float32."""
     if setting in ("float16", "bfloat16"):
         return f"mixed_{setting}"
-    if setting == "off" or (setting == "auto" and not has_gpu):
+    if setting == "off" or (setting == "auto" and not has_gpu and not cpu_amx):
         return "float32"
     return "mixed_float16" if has_gpu else "mixed_bfloat16"
 
@@ -161,8 +162,9 @@ def _setup_devices(tf, hvd, mixed_precision: str, bind_cores: bool) -> tuple[str
     else:
         tf.config.threading.set_intra_op_parallelism_threads(per_worker)
         tf.config.threading.set_inter_op_parallelism_threads(2)
-    policy = precision_policy(mixed_precision, bool(gpus))
-    if policy == "mixed_bfloat16" and not gpus and not {"amx_bf16", "avx512_bf16"} & cpu_flags():
+    flags = cpu_flags()
+    policy = precision_policy(mixed_precision, bool(gpus), "amx_bf16" in flags)
+    if policy == "mixed_bfloat16" and not gpus and not {"amx_bf16", "avx512_bf16"} & flags:
         print("train.mixed_precision: this CPU has no bfloat16 instructions (AMX, AVX512-BF16); bfloat16 will be "
               "emulated and slower than float32", file=sys.stderr)
     import tf_keras as keras

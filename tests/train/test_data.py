@@ -80,13 +80,14 @@ def test_reader_threads_split_the_cores_between_workers_on_one_machine():
 
 
 def test_precision_policy_follows_the_device():
-    assert precision_policy("auto", has_gpu=True) == "mixed_float16"
-    assert precision_policy("auto", has_gpu=False) == "float32"
-    assert precision_policy("on", has_gpu=True) == "mixed_float16"
-    assert precision_policy("on", has_gpu=False) == "mixed_bfloat16"  # float16 is emulated on CPUs
-    assert precision_policy("bfloat16", has_gpu=True) == "mixed_bfloat16"
-    assert precision_policy("float16", has_gpu=False) == "mixed_float16"
-    assert precision_policy("off", has_gpu=True) == "float32"
+    assert precision_policy("auto", has_gpu=True, cpu_amx=True) == "mixed_float16"
+    assert precision_policy("auto", has_gpu=False, cpu_amx=True) == "mixed_bfloat16"  # AMX: bfloat16 matrix units
+    assert precision_policy("auto", has_gpu=False, cpu_amx=False) == "float32"
+    assert precision_policy("on", has_gpu=True, cpu_amx=False) == "mixed_float16"
+    assert precision_policy("on", has_gpu=False, cpu_amx=False) == "mixed_bfloat16"  # float16 is emulated on CPUs
+    assert precision_policy("bfloat16", has_gpu=True, cpu_amx=False) == "mixed_bfloat16"
+    assert precision_policy("float16", has_gpu=False, cpu_amx=True) == "mixed_float16"
+    assert precision_policy("off", has_gpu=True, cpu_amx=True) == "float32"
 
 
 def test_core_groups_split_the_allowed_cores_without_overlap():
