@@ -231,10 +231,11 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
         model_uri, version = _log_model(cfg, chief["model_path"], manifest)
     took = time.perf_counter() - started
     val = f", val_accuracy {final['val_accuracy']:.4f}" if "val_accuracy" in final else ""
-    say("train", f"run {run_id} finished in {took:.0f}s ({chief['precision']}){val}; registered {cfg.mlflow.registered_model} "
-                 f"version {version}; UI: {tracking.ui_command(cfg)}")
+    say("train", f"run {run_id} finished in {took:.0f}s ({chief['precision']}){val}; "
+                 f"registered {cfg.mlflow.registered_model} version {version}; UI: {tracking.ui_command(cfg)}")
     return {"stage": "train", "run_id": run_id, "model_uri": model_uri, "registered_model": cfg.mlflow.registered_model,
             "version": version, "dataset": ds.ref, "epochs_run": len(history), "workers": len(results),
-            "steps_per_worker": chief["steps"], "weights_in_sync": True, "precision": chief["precision"], "weights_digest": chief["weights_digest"],
+            "steps_per_worker": chief["steps"], "weights_in_sync": True, "precision": chief["precision"],
+            "weights_digest": chief["weights_digest"],
             "worker_cores": [r["cores"] for r in results], "metrics": {k: v for k, v in final.items() if k != "epoch"},
             "seconds": round(took, 1)}

@@ -207,7 +207,12 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     policy, own_cores = _setup_devices(tf, hvd, spec.mixed_precision, spec.bind_cores)
     tf.random.set_seed(spec.seed + rank)  # Horovod: different augmentation/dropout noise per worker
 
-    model = build_model(spec.model, spec.shape, spec.num_classes, spec.mean, spec.std, ModelOptions(**spec.model_options))
+    def new_model():
+        """The configured model, in the current global dtype policy."""
+        return build_model(spec.model, spec.shape, spec.num_classes, spec.mean, spec.std,
+                           ModelOptions(**spec.model_options))
+
+    model = new_model()
     peak = spec.learning_rate * (size if spec.scale_lr else 1)  # Horovod: scale the rate with the global batch
     base = make_optimizer(spec.optimizer, spec.learning_rate, spec.momentum)
     # Horovod: wrap the optimizer so compute_gradients averages the gradients of all workers (allreduce).
@@ -335,8 +340,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
             # the registered model computes in float32: the weights are float32 already, and evaluation and
             # batch inference run on CPU executors, where float16 is emulated
             keras.mixed_precision.set_global_policy("float32")
-            served = build_model(spec.model, spec.shape, spec.num_classes, spec.mean, spec.std,
-                                 ModelOptions(**spec.model_options))
+            served = new_model()
             served.set_weights(model.get_weights())
         served.save(str(model_path))
         result.update({"model_path": str(model_path), "history": history})
@@ -358,6 +362,5 @@ def _log_epoch(spec: WorkerSpec, metrics: dict[str, float]) -> None:
         print(f"mlflow logging failed: {exc}", file=sys.stderr)
 
 
-__all__ = ["WorkerSpec", "train_worker", "steps_per_epoch", "precision_policy", "cpu_flags", "cache_shard", "reader_threads", "cores_per_worker", "core_group",
-           "bind_to_cores", "read_state",
-           "PROGRESS_FILE"]
+__all__ = ["WorkerSpec", "train_worker", "steps_per_epoch", "precision_policy", "cpu_flags", "cache_shard",
+           "reader_threads", "cores_per_worker", "core_group", "bind_to_cores", "read_state", "PROGRESS_FILE"]

@@ -122,4 +122,3 @@ def test_validation_feed_covers_its_shard_once_per_epoch(split_url, tmp_path, ca
     if cache:  # later epochs come from memory: the files are no longer read
         shutil.rmtree(local)
     assert sorted(one_pass()) == sorted(mine)
-
