@@ -344,7 +344,10 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
             served.set_weights(model.get_weights())
         served.save(str(model_path))
         result.update({"model_path": str(model_path), "history": history})
-    hvd_tf.join()  # Horovod: nobody leaves before everybody is done
+    # Horovod: nobody leaves before everybody is done (rank 0 may still be saving). A scalar allreduce on the CPU, not
+    # hvd.join(): a Horovod built with NCCL registers HorovodJoin for GPUs only, so join fails on CPU workers there.
+    with tf.device("/cpu:0"):
+        hvd_tf.allreduce(tf.zeros([]), name="sparkvision_done")
     return result
 
 
