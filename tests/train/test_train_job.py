@@ -114,10 +114,12 @@ def test_resume_of_unknown_run_is_a_clear_error(spark, small):
 @pytest.mark.parametrize("precision", ["float16", "bfloat16"])
 def test_mixed_precision_trains_in_sync_and_registers_a_float32_model(spark, small, precision):
     """float16 (the GPU path: loss scaling around the Horovod optimizer, forced here on CPU) and bfloat16 (CPUs)."""
+    # 3 epochs: after 1 (about 20 steps) val_accuracy was 0.18 to 0.3 from run to run, too close to chance (0.1);
+    # after 3 it measured 0.48 to 0.57.
     out = run_train(spark, cfg_for(small, f"train.mixed_precision={precision}", "train.model=mnist_cnn",
-                                   "train.width=0.25"))
+                                   "train.width=0.25", "train.epochs=3"))
     assert out["precision"] == f"mixed_{precision}" and out["weights_in_sync"] and out["workers"] == 2
-    assert out["metrics"]["val_accuracy"] > 0.2
+    assert out["metrics"]["val_accuracy"] > 0.3
     assert mlflow.get_run(out["run_id"]).data.tags["precision"] == f"mixed_{precision}"
     model = mlflow.tensorflow.load_model(out["model_uri"])
     assert {layer.dtype_policy.name for layer in model.layers if layer.weights} == {"float32"}  # served in float32
