@@ -60,8 +60,8 @@ if ! "$PY" -c "$TF_CHECK" >/dev/null 2>&1; then
 fi
 
 # 5. Horovod from source with Gloo (no MPI), against that TensorFlow; pip caches the built CPU wheel. pip's cache
-# does not know build flags, so a GPU build never reads or writes it (it would hand back the Gloo-only wheel, as
-# it did before this check), and a Gloo-only Horovod already in the .venv is rebuilt with NCCL.
+# does not know build flags, so a GPU build never reads or writes it (it would hand back the Gloo-only wheel), and
+# a Gloo-only Horovod already in the .venv is rebuilt with NCCL.
 hvd_has_nccl() { TF_CPP_MIN_LOG_LEVEL=3 "$PY" -c 'import sys, horovod.tensorflow as h; sys.exit(0 if h.nccl_built() else 1)' >/dev/null 2>&1; }
 HVD_FLAVOUR="Gloo"; HVD_BUILT_IN="TensorFlow and Gloo"; HVD_PIP=()
 if [ "$GPU" = "1" ]; then HVD_FLAVOUR="Gloo and NCCL"; HVD_BUILT_IN="TensorFlow, Gloo and NCCL"; HVD_PIP=(--no-cache-dir); fi
