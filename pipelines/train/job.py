@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -25,6 +26,8 @@ class WorkerOutput(io.TextIOBase):
     """Where Horovod forwards the workers' stdout/stderr: the run's log file (and the terminal with --verbose)."""
 
     def __init__(self, log_path: Path):
+        self.path = log_path
+        self.start = log_path.stat().st_size if log_path.exists() else 0  # where this launch's output begins
         self.log = open(log_path, "a", buffering=1)
 
     def write(self, text: str) -> int:
@@ -35,6 +38,31 @@ class WorkerOutput(io.TextIOBase):
 
     def flush(self) -> None:
         self.log.flush()
+
+
+_EXCEPTION_LINE = re.compile(r"^\[(\d+)\]<stderr>:([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b.*)$")
+_SHUT_DOWN = "Horovod has been shut down"  # what the other workers' collectives raise once one worker has failed
+
+
+def worker_exception(output: WorkerOutput, failure: str) -> str | None:
+    """The exception that ended the failing worker, from this launch's part of the worker log: the workers that
+    only saw Horovod shut down are casualties, not the cause; among the rest, the one Horovod names as the first
+    to exit (`Process name: N`), else the first in the log. None when no worker printed an exception."""
+    last: dict[str, str] = {}  # rank -> its last exception line (a traceback ends with the outermost)
+    casualties: set[str] = set()
+    with open(output.path, "rb") as fh:
+        fh.seek(output.start)
+        for raw in fh:
+            line = raw.decode(errors="replace").rstrip()
+            hit = _EXCEPTION_LINE.match(line)
+            if hit:
+                last[hit.group(1)] = hit.group(2)
+            if _SHUT_DOWN in line:
+                casualties.add(line[1:line.find("]")])
+    causes = [rank for rank in last if rank not in casualties] or list(last)
+    named = re.search(r"Process name: (\d+)", failure)
+    rank = named.group(1) if named and named.group(1) in causes else (causes[0] if causes else None)
+    return last[rank] if rank is not None else None
 
 
 class EpochPrinter(threading.Thread):
@@ -89,7 +117,8 @@ def worker_spec(cfg: Config, ds: DatasetVersion, manifest: Manifest, run_id: str
     return WorkerSpec(
         train_url=ds.split_path("train").as_uri(),
         validation_url=ds.split_path("validation").as_uri() if manifest.count("validation") else None,
-        train_rows=manifest.count("train"), validation_rows=manifest.count("validation"), shape=manifest.shape, num_classes=manifest.num_classes,
+        train_rows=manifest.count("train"), validation_rows=manifest.count("validation"), shape=manifest.shape,
+        num_classes=manifest.num_classes,
         mean=manifest.mean, std=manifest.std, model=t.model,
         model_options={"activation": t.activation, "dropout": t.dropout, "l2": t.l2, "width": t.width},
         optimizer=t.optimizer, learning_rate=t.learning_rate, scale_lr=t.scale_lr, momentum=t.momentum,
@@ -212,8 +241,9 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
                                         start_timeout=min(t.timeout_s, 600), use_gloo=True)
         except Exception as exc:
             out.flush()
-            raise PipelineError(f"training failed on a Horovod worker ({type(exc).__name__}: "
-                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+            cause = worker_exception(out, str(exc)) or \
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            raise PipelineError(f"training failed on a Horovod worker ({cause}); "
                                 f"worker log: {ckpt_dir / 'workers.log'}") from exc
         finally:
             printer.stop()

@@ -186,6 +186,21 @@ def read_state(directory: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def check_shared_paths(spec: WorkerSpec) -> None:
+    """Fail with the paths and the host named when this executor cannot see the dataset or the run's checkpoint
+    directory the driver prepared (a cluster whose executors do not share the driver's storage)."""
+    import socket
+    from urllib.parse import unquote, urlparse
+
+    wanted = {"the dataset (paths.datasets_root)": [urlparse(u).path for u in (spec.train_url, spec.validation_url)
+                                                    if u and urlparse(u).scheme == "file"],
+              "the run's checkpoint directory (paths.checkpoints_root)": [spec.checkpoint_dir]}
+    missing = [f"{what} {unquote(p)}" for what, paths in wanted.items() for p in paths if not Path(unquote(p)).is_dir()]
+    if missing:
+        raise RuntimeError(f"executor host {socket.gethostname()} cannot see {'; '.join(missing)}: datasets and "
+                           "checkpoints must be on storage that the driver and every executor share (NFS, /dbfs)")
+
+
 def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     """One Horovod worker: build, (restore,) train for the remaining epochs, return what the driver checks."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -204,6 +219,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
 
     hvd.init()  # Horovod: join the other workers (Gloo rendezvous through the Spark driver)
     rank, size = hvd.rank(), hvd.size()
+    check_shared_paths(spec)  # before the first collective: a worker missing its files fails here, clearly
     policy, own_cores = _setup_devices(tf, hvd, spec.mixed_precision, spec.bind_cores)
     tf.random.set_seed(spec.seed + rank)  # Horovod: different augmentation/dropout noise per worker
 
@@ -365,5 +381,6 @@ def _log_epoch(spec: WorkerSpec, metrics: dict[str, float]) -> None:
         print(f"mlflow logging failed: {exc}", file=sys.stderr)
 
 
-__all__ = ["WorkerSpec", "train_worker", "steps_per_epoch", "precision_policy", "cpu_flags", "cache_shard",
-           "reader_threads", "cores_per_worker", "core_group", "bind_to_cores", "read_state", "PROGRESS_FILE"]
+__all__ = ["WorkerSpec", "train_worker", "check_shared_paths", "steps_per_epoch", "precision_policy", "cpu_flags",
+           "cache_shard", "reader_threads", "cores_per_worker", "core_group", "bind_to_cores", "read_state",
+           "PROGRESS_FILE"]

@@ -100,8 +100,27 @@ def failing_worker(spec):
 
 def test_a_failing_worker_fails_the_run_without_hanging(spark, small):
     cfg = cfg_for(small, "train.timeout_s=300")
-    with pytest.raises(PipelineError, match="training failed on a Horovod worker"):
+    with pytest.raises(PipelineError, match=r"training failed on a Horovod worker \(RuntimeError: worker 1 exploded\)"):
         run_train(spark, cfg, worker_fn=failing_worker)
+    runs = mlflow.search_runs(order_by=["start_time DESC"], max_results=1)
+    assert runs.iloc[0]["status"] == "FAILED"
+
+
+def worker_missing_the_checkpoints(spec):
+    import dataclasses
+
+    import horovod.tensorflow as hvd
+
+    hvd.init()
+    if hvd.rank() == 1:  # as on an executor host that does not share the driver's storage
+        spec = dataclasses.replace(spec, checkpoint_dir=spec.checkpoint_dir + "-not-shared")
+    return train_worker(spec)
+
+
+def test_an_executor_that_cannot_see_the_checkpoints_fails_the_run_naming_the_path(spark, small):
+    with pytest.raises(PipelineError, match="cannot see the run's checkpoint directory") as failed:
+        run_train(spark, cfg_for(small, "train.timeout_s=300"), worker_fn=worker_missing_the_checkpoints)
+    assert "-not-shared" in str(failed.value)
     runs = mlflow.search_runs(order_by=["start_time DESC"], max_results=1)
     assert runs.iloc[0]["status"] == "FAILED"
 
