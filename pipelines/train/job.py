@@ -57,8 +57,9 @@ def worker_exception(output: WorkerOutput, failure: str) -> str | None:
             hit = _EXCEPTION_LINE.match(line)
             if hit:
                 last[hit.group(1)] = hit.group(2)
-            if _SHUT_DOWN in line:
-                casualties.add(line[1:line.find("]")])
+            prefix = re.match(r"^\[(\d+)\]", line)
+            if prefix and _SHUT_DOWN in line:
+                casualties.add(prefix.group(1))
     causes = [rank for rank in last if rank not in casualties] or list(last)
     named = re.search(r"Process name: (\d+)", failure)
     rank = named.group(1) if named and named.group(1) in causes else (causes[0] if causes else None)

@@ -9,7 +9,7 @@ import pytest
 
 from pipelines.errors import PipelineError
 from pipelines.ingest.job import run_ingest
-from pipelines.train.job import run_train
+from pipelines.train.job import WorkerOutput, run_train, worker_exception
 from pipelines.train.worker import steps_per_epoch, train_worker
 from tests.fixtures import write_idx_slice
 
@@ -123,6 +123,23 @@ def test_an_executor_that_cannot_see_the_checkpoints_fails_the_run_naming_the_pa
     assert "-not-shared" in str(failed.value)
     runs = mlflow.search_runs(order_by=["start_time DESC"], max_results=1)
     assert runs.iloc[0]["status"] == "FAILED"
+
+
+def test_the_reported_failure_is_the_cause_not_the_workers_horovod_shut_down(tmp_path):
+    log = tmp_path / "workers.log"
+    log.write_text("[2]<stderr>:ValueError: from an earlier launch\n")  # not this launch: skipped
+    out = WorkerOutput(log)
+    out.write("[0]<stderr>:Traceback (most recent call last):\n"
+              "[0]<stderr>:tensorflow.python.framework.errors_impl.UnknownError: Graph execution error:\n"
+              "[0]<stderr>:Horovod has been shut down. This was caused by an exception on one of the ranks\n"
+              "[1]<stderr>:Traceback (most recent call last):\n"
+              "[1]<stderr>:  File \"worker.py\", line 1, in <module>\n"
+              "[1]<stderr>:OSError: [Errno 2] No such file or directory: '/data/x'\n")
+    out.flush()
+    # Horovod names rank 0 as the first to exit: it is only a casualty of rank 1's error
+    cause = worker_exception(out, "Process name: 0\nExit code: 1")
+    assert cause == "OSError: [Errno 2] No such file or directory: '/data/x'"
+    assert worker_exception(WorkerOutput(tmp_path / "empty.log"), "Process name: 0") is None
 
 
 def test_resume_of_unknown_run_is_a_clear_error(spark, small):
