@@ -5,6 +5,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import tensorflow as tf
@@ -51,12 +52,35 @@ def open_batch_reader(url: str, *, columns: list[str], num_epochs: int | None = 
     from petastorm.reader import Reader
 
     filesystem, path = get_filesystem_and_path_or_paths(url)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # petastorm's pyarrow deprecation and schema_fields warnings
-        return Reader(filesystem, path, schema_fields=columns, worker_class=ArrowReaderWorker,
-                      reader_pool=_race_free_thread_pool(workers, seed), seed=seed, shuffle_rows=False,
-                      shuffle_row_groups=shuffle_row_groups, num_epochs=num_epochs, cur_shard=shard,
-                      shard_count=shard_count, cache=NullCache(), is_batched_reader=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # petastorm's pyarrow deprecation and schema_fields warnings
+            return Reader(filesystem, path, schema_fields=columns, worker_class=ArrowReaderWorker,
+                          reader_pool=_race_free_thread_pool(workers, seed), seed=seed, shuffle_rows=False,
+                          shuffle_row_groups=shuffle_row_groups, num_epochs=num_epochs, cur_shard=shard,
+                          shard_count=shard_count, cache=NullCache(), is_batched_reader=True)
+    except Exception as exc:
+        damaged = unreadable_parquet_file(url)
+        if damaged:  # petastorm reports a damaged file as a missing `_common_metadata`; name the file instead
+            raise RuntimeError(f"{damaged[0]} is not a readable Parquet file ({damaged[1]}): the dataset version is "
+                               "damaged; ingest it again") from exc
+        raise
+
+
+def unreadable_parquet_file(url: str) -> tuple[str, str] | None:
+    """The first Parquet file of a local split whose footer cannot be read, and why; None when all can be."""
+    import pyarrow.parquet as pq
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("", "file"):
+        return None
+    for file in sorted(Path(unquote(parsed.path)).glob("*.parquet")):
+        try:
+            pq.read_metadata(file)
+        except Exception as exc:
+            return str(file), str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
 
 
 def _decode(image: tf.Tensor, label: tf.Tensor, shape) -> tuple[tf.Tensor, tf.Tensor]:

@@ -9,8 +9,10 @@ import re
 import sys
 import threading
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pyspark.sql import SparkSession
 
@@ -38,6 +40,25 @@ class WorkerOutput(io.TextIOBase):
 
     def flush(self) -> None:
         self.log.flush()
+
+
+@contextmanager
+def spark_thread_errors_to(out: WorkerOutput) -> Iterator[None]:
+    """When a worker fails, Horovod's `run_spark` thread dies with the cancelled Spark job's Java stack trace; the
+    driver reports the worker's own error instead, so that trace goes to the worker log (and stderr with --verbose)."""
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if args.thread is not None and "run_spark" in args.thread.name:
+            out.write("".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
+        else:
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 _EXCEPTION_LINE = re.compile(r"^\[(\d+)\]<stderr>:([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b.*)$")
@@ -237,9 +258,10 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
         spark.sparkContext.setJobDescription("sparkvision train (horovod)")
         printer.start()
         try:
-            results = horovod.spark.run(worker_fn, args=(spec,), num_proc=t.num_proc, env=env, stdout=out,
-                                        stderr=out, verbose=2 if is_verbose() else 0,
-                                        start_timeout=min(t.timeout_s, 600), use_gloo=True)
+            with spark_thread_errors_to(out):
+                results = horovod.spark.run(worker_fn, args=(spec,), num_proc=t.num_proc, env=env, stdout=out,
+                                            stderr=out, verbose=2 if is_verbose() else 0,
+                                            start_timeout=min(t.timeout_s, 600), use_gloo=True)
         except Exception as exc:
             out.flush()
             cause = worker_exception(out, str(exc)) or \

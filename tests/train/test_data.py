@@ -1,4 +1,6 @@
 """The petastorm -> tf.data feed of one worker's shard: streamed and cached, on a small Parquet split built here."""
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -102,7 +104,6 @@ def test_core_groups_split_the_allowed_cores_without_overlap():
 @pytest.mark.parametrize("cache", [False, True])
 def test_validation_feed_covers_its_shard_once_per_epoch(split_url, tmp_path, cache):
     import shutil
-    from pathlib import Path
     from urllib.parse import urlparse
 
     from pipelines.train.data import ValidationFeed
@@ -122,3 +123,18 @@ def test_validation_feed_covers_its_shard_once_per_epoch(split_url, tmp_path, ca
     if cache:  # later epochs come from memory: the files are no longer read
         shutil.rmtree(local)
     assert sorted(one_pass()) == sorted(mine)
+
+
+def test_a_damaged_parquet_file_is_named_instead_of_petastorms_missing_metadata(split_url, tmp_path):
+    import shutil
+    from urllib.parse import urlparse
+
+    damaged = tmp_path / "train"
+    shutil.copytree(urlparse(split_url).path, damaged)
+    shutil.copy(damaged / "part-0.parquet", damaged / "part-1.parquet")
+    with open(damaged / "part-1.parquet", "r+b") as fh:
+        fh.truncate((damaged / "part-1.parquet").stat().st_size // 2)  # as a copy cut short
+    with pytest.raises(RuntimeError, match=r"part-1\.parquet is not a readable Parquet file .*ingest it again"):
+        open_batch_reader(damaged.as_uri(), columns=["image"])
+    with open_batch_reader(split_url, columns=["image"]) as reader:  # the intact split still opens and reads
+        assert sum(len(batch.image) for batch in reader) == 200
