@@ -9,7 +9,7 @@ from typing import Callable
 
 from pipelines.config import Config, ConfigError, load_config
 from pipelines.console import emit_result, is_verbose, quiet_libraries
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, first_line
 
 # Job name -> "module:function(spark, cfg, **options) -> dict". Imported only when run.
 JOBS = {
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # anything unexpected: one line by default, the traceback with --verbose
         if is_verbose():
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: {type(exc).__name__}: {first} (rerun with --verbose for the traceback)", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {first_line(exc)} (rerun with --verbose for the traceback)",
+              file=sys.stderr)
         return 1
 
 

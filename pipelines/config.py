@@ -14,6 +14,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from pipelines.errors import first_line
+
 # A checkout reads <repo>/conf; an installed wheel carries a copy in pipelines/conf (see setup.py).
 _PACKAGED = Path(__file__).resolve().parent / "conf"
 CONF_DIR = _PACKAGED if (_PACKAGED / "base.yaml").is_file() else Path(__file__).resolve().parent.parent / "conf"
@@ -195,7 +197,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not valid YAML: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data

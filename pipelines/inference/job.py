@@ -17,7 +17,7 @@ from pipelines import tracking
 from pipelines.config import Config
 from pipelines.console import say
 from pipelines.dataset.contract import resolve_dataset
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, first_line
 from pipelines.images import ImageSpec
 from pipelines.inference.models import CHAMPION, resolve_model
 from pipelines.inference.predict import check_image_lengths, predict
@@ -55,7 +55,7 @@ def read_files_input(spark: SparkSession, cfg: Config, shape: tuple[int, int, in
         try:
             files = spark.read.format("binaryFile").load(path)
         except Exception as exc:
-            raise PipelineError(f"cannot read image files at {path}: {str(exc).splitlines()[0]}") from None
+            raise PipelineError(f"cannot read image files at {path}: {first_line(exc)}") from None
         ext = F.lower(F.regexp_extract("path", r"(\.[^./]+)$", 1))
         rows = files.where(ext.isin(*sorted(IMAGE_EXTENSIONS))).select(
             "path", F.lit(None).cast("string").alias("label"), F.lit(None).cast("string").alias("source_split"),
@@ -80,11 +80,11 @@ def read_table_input(spark: SparkSession, source: str | None) -> DataFrame:
         try:
             return spark.table(source)
         except Exception as exc:
-            raise PipelineError(f"no table or view {source!r} in the Spark catalog: {str(exc).splitlines()[0]}") from None
+            raise PipelineError(f"no table or view {source!r} in the Spark catalog: {first_line(exc)}") from None
     try:
         return spark.read.parquet(source)
     except Exception as exc:
-        raise PipelineError(f"cannot read Parquet table {source}: {str(exc).splitlines()[0]}") from None
+        raise PipelineError(f"cannot read Parquet table {source}: {first_line(exc)}") from None
 
 
 def _write_atomically(df: DataFrame, quarantine: DataFrame | None, output: Path, partition_by: list[str]) -> None:

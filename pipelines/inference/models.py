@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, first_line
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -48,7 +48,7 @@ def resolve_model(uri: str) -> ResolvedModel:
         load_uri = f"models:/{name}/{version}" if name else uri
         info = mlflow.models.get_model_info(load_uri)
     except MlflowException as exc:
-        raise PipelineError(f"model {uri} not found: {str(exc).splitlines()[0]}") from None
+        raise PipelineError(f"model {uri} not found: {first_line(exc)}") from None
     meta = info.metadata or {}
     if "shape" not in meta or "label_names" not in meta:
         raise PipelineError(f"model {uri} was not logged by sparkvision (no shape/label_names metadata)")

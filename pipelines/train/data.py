@@ -10,6 +10,8 @@ from typing import Iterator
 
 import tensorflow as tf
 
+from pipelines.errors import first_line
+
 
 @dataclass(frozen=True)
 class FeedOptions:
@@ -67,19 +69,24 @@ def open_batch_reader(url: str, *, columns: list[str], num_epochs: int | None = 
         raise
 
 
-def unreadable_parquet_file(url: str) -> tuple[str, str] | None:
-    """The first Parquet file of a local split whose footer cannot be read, and why; None when all can be."""
-    import pyarrow.parquet as pq
+def local_path(url: str) -> Path | None:
+    """The local path of a `file:` URL (or a plain path); None for other filesystems (hdfs:, s3:, ...)."""
     from urllib.parse import unquote, urlparse
 
     parsed = urlparse(url)
-    if parsed.scheme not in ("", "file"):
-        return None
-    for file in sorted(Path(unquote(parsed.path)).glob("*.parquet")):
+    return Path(unquote(parsed.path)) if parsed.scheme in ("", "file") else None
+
+
+def unreadable_parquet_file(url: str) -> tuple[str, str] | None:
+    """The first Parquet file of a local split whose footer cannot be read, and why; None when all can be."""
+    import pyarrow.parquet as pq
+
+    split = local_path(url)
+    for file in sorted(split.glob("*.parquet")) if split else []:
         try:
             pq.read_metadata(file)
         except Exception as exc:
-            return str(file), str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return str(file), first_line(exc) or type(exc).__name__
     return None
 
 

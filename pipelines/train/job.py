@@ -20,7 +20,7 @@ from pipelines import tracking
 from pipelines.config import Config, dataset_ref, resolve_path
 from pipelines.console import hush, is_verbose, say
 from pipelines.dataset.contract import DatasetVersion, Manifest, resolve_dataset
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, first_line
 from pipelines.train.worker import PROGRESS_FILE, WorkerSpec, read_state, steps_per_epoch, train_worker
 
 
@@ -61,7 +61,8 @@ def spark_thread_errors_to(out: WorkerOutput) -> Iterator[None]:
         threading.excepthook = previous
 
 
-_EXCEPTION_LINE = re.compile(r"^\[(\d+)\]<stderr>:([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b.*)$")
+_WORKER_LINE = re.compile(r"^\[(\d+)\]<stderr>:(.*)$")  # how Horovod forwards a line of rank N's stderr
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b")  # a traceback's last line
 _SHUT_DOWN = "Horovod has been shut down"  # what the other workers' collectives raise once one worker has failed
 
 
@@ -74,13 +75,14 @@ def worker_exception(output: WorkerOutput, failure: str) -> str | None:
     with open(output.path, "rb") as fh:
         fh.seek(output.start)
         for raw in fh:
-            line = raw.decode(errors="replace").rstrip()
-            hit = _EXCEPTION_LINE.match(line)
-            if hit:
-                last[hit.group(1)] = hit.group(2)
-            prefix = re.match(r"^\[(\d+)\]", line)
-            if prefix and _SHUT_DOWN in line:
-                casualties.add(prefix.group(1))
+            line = _WORKER_LINE.match(raw.decode(errors="replace").rstrip())
+            if not line:
+                continue
+            rank, text = line.groups()
+            if _EXCEPTION.match(text):
+                last[rank] = text
+            if _SHUT_DOWN in text:
+                casualties.add(rank)
     causes = [rank for rank in last if rank not in casualties] or list(last)
     named = re.search(r"Process name: (\d+)", failure)
     rank = named.group(1) if named and named.group(1) in causes else (causes[0] if causes else None)
@@ -264,8 +266,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
                                             start_timeout=min(t.timeout_s, 600), use_gloo=True)
         except Exception as exc:
             out.flush()
-            cause = worker_exception(out, str(exc)) or \
-                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            cause = worker_exception(out, str(exc)) or f"{type(exc).__name__}: {first_line(exc)}"
             raise PipelineError(f"training failed on a Horovod worker ({cause}); "
                                 f"worker log: {ckpt_dir / 'workers.log'}") from exc
         finally:

@@ -190,12 +190,13 @@ def check_shared_paths(spec: WorkerSpec) -> None:
     """Fail with the paths and the host named when this executor cannot see the dataset or the run's checkpoint
     directory the driver prepared (a cluster whose executors do not share the driver's storage)."""
     import socket
-    from urllib.parse import unquote, urlparse
 
-    wanted = {"the dataset (paths.datasets_root)": [urlparse(u).path for u in (spec.train_url, spec.validation_url)
-                                                    if u and urlparse(u).scheme == "file"],
-              "the run's checkpoint directory (paths.checkpoints_root)": [spec.checkpoint_dir]}
-    missing = [f"{what} {unquote(p)}" for what, paths in wanted.items() for p in paths if not Path(unquote(p)).is_dir()]
+    from pipelines.train.data import local_path
+
+    splits = [local_path(url) for url in (spec.train_url, spec.validation_url) if url]
+    wanted = [*(("the dataset (paths.datasets_root)", path) for path in splits if path),
+              ("the run's checkpoint directory (paths.checkpoints_root)", Path(spec.checkpoint_dir))]
+    missing = [f"{what} {path}" for what, path in wanted if not path.is_dir()]
     if missing:
         raise RuntimeError(f"executor host {socket.gethostname()} cannot see {'; '.join(missing)}: datasets and "
                            "checkpoints must be on storage that the driver and every executor share (NFS, /dbfs)")

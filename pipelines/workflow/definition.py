@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from pipelines.config import ConfigError
+from pipelines.errors import first_line
 
 REF = re.compile(r"\{\{\s*([a-zA-Z0-9_.\-]+)\s*\}\}")
 
@@ -87,7 +88,7 @@ def load_workflow(path: str | Path) -> Workflow:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not valid YAML: {first_line(exc)}") from None
     key, raw = _job_dict(data, path)
     try:
         job = Job.from_dict(raw)
