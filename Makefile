@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test test-fast benchmarks clean-var
 
 # Re-run setup when the pins or the package definition change; otherwise this is a no-op.
-$(VENV)/.setup-done: setup.py constraints.txt scripts/setup.sh
+$(VENV)/.setup-done: setup.py pyproject.toml constraints.txt scripts/setup.sh
 	GPU=$(GPU) bash scripts/setup.sh
 
 setup:

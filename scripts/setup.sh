@@ -95,7 +95,9 @@ if [ "$NEED_HVD" = "1" ]; then
 fi
 
 # 6. The project, editable, with its dev extras (pins come from constraints.txt).
-if [ ! -f "$VENV/.project-installed" ] || [ setup.py -nt "$VENV/.project-installed" ] || [ constraints.txt -nt "$VENV/.project-installed" ]; then
+# pyproject.toml's build-system table makes this a PEP 660 editable install (a .venv from before it is reinstalled).
+if [ ! -f "$VENV/.project-installed" ] || [ setup.py -nt "$VENV/.project-installed" ] \
+   || [ pyproject.toml -nt "$VENV/.project-installed" ] || [ constraints.txt -nt "$VENV/.project-installed" ]; then
   say "installing sparkvision (editable) with dev extras"
   "${PIP[@]}" -e '.[dev]'
   touch "$VENV/.project-installed"
