@@ -6,14 +6,16 @@ from setuptools.command.build_py import build_py
 
 
 class BuildWithConf(build_py):
-    """Ship conf/*.yaml inside the wheel (pipelines/conf/), so an installed package finds its defaults."""
+    """Ship conf/ (base, overlays, profiles) inside the wheel as pipelines/conf/, so an installed package finds its
+    defaults and `--conf conf/local.yaml` works without a checkout (pipelines.config.overlay_file)."""
 
     def run(self):
         super().run()
         target = Path(self.build_lib) / "pipelines" / "conf"
-        target.mkdir(parents=True, exist_ok=True)
-        for f in (HERE / "conf").glob("*.yaml"):
-            (target / f.name).write_text(f.read_text())
+        for f in (HERE / "conf").rglob("*.yaml"):
+            out = target / f.relative_to(HERE / "conf")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(f.read_text())
         log4j = HERE / "pipelines" / "log4j2.properties"
         (Path(self.build_lib) / "pipelines" / log4j.name).write_text(log4j.read_text())
 

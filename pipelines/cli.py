@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             from pipelines.tracking import dump_yaml
 
+            print(f"# merged from: {', '.join(cfg.sources)}" + (" and --set" if args.overrides else ""))
             print(dump_yaml(cfg.to_dict()), end="")
             return 0
         if args.command in JOBS:

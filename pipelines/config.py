@@ -253,14 +253,34 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+def shipped_overlays() -> list[str]:
+    """The overlays that come with sparkvision, as `conf/...` names (base.yaml is always loaded, so not listed)."""
+    return sorted(f"conf/{p.relative_to(CONF_DIR).as_posix()}" for p in CONF_DIR.rglob("*.yaml") if p != BASE_FILE)
+
+
+def overlay_file(name: str | Path) -> Path:
+    """The file an overlay name means: the path as given when it exists, else the shipped overlay of that name.
+
+    An installed wheel has no conf/ folder beside the user, so `conf/local.yaml`, `local.yaml` or
+    `conf/profiles/accurate.yaml` fall back to the copies packaged in pipelines/conf."""
+    path = Path(name)
+    if path.is_file() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("conf",) else path.parts
+    shipped = CONF_DIR.joinpath(*parts) if parts else CONF_DIR
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file not found: {path} (shipped overlays: {', '.join(shipped_overlays())})")
+
+
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
     """Load base.yaml, merge `files` in order, apply `overrides`, and validate into a Config."""
     data = _read_yaml(BASE_FILE)
     origin = _origins(data, str(BASE_FILE))
     sources = [str(BASE_FILE)]
     for f in files:
-        path = Path(f)
-        if path.resolve() == BASE_FILE:
+        path = overlay_file(f)
+        if path.resolve() == BASE_FILE.resolve():
             continue
         _merge(data, _read_yaml(path), origin, str(path))
         sources.append(str(path))

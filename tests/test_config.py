@@ -73,6 +73,25 @@ def test_missing_file_and_broken_yaml_are_config_errors(tmp_path):
         load_config([broken])
 
 
+def test_an_overlay_missing_here_is_the_shipped_one_and_a_local_file_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no conf/ folder here, as for a user of the installed wheel
+    cfg = load_config(["conf/local.yaml", "profiles/accurate.yaml"])
+    assert cfg.sources[1:] == (str(ROOT / "conf/local.yaml"), str(ROOT / "conf/profiles/accurate.yaml"))
+    assert cfg.train.epochs == 15
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf/local.yaml").write_text("train:\n  epochs: 5\n")
+    cfg = load_config(["conf/local.yaml"])
+    assert cfg.sources[-1] == "conf/local.yaml" and cfg.train.epochs == 5
+
+
+def test_an_overlay_found_nowhere_lists_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config(["conf/lcoal.yaml"])
+    assert str(err.value) == ("config file not found: conf/lcoal.yaml (shipped overlays: conf/cluster.yaml, "
+                              "conf/databricks.yaml, conf/local.yaml, conf/profiles/accurate.yaml)")
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
@@ -87,6 +106,7 @@ def test_cli_config_error_is_one_line_and_exit_2():
 
 def test_cli_print_config_shows_the_effective_values():
     res = _cli("ingest", "--conf", "conf/local.yaml", "--set", "ingest.name=mine", "--print-config")
+    assert res.stdout.splitlines()[0] == f"# merged from: {ROOT / 'conf/base.yaml'}, conf/local.yaml and --set"
     assert res.returncode == 0, res.stderr
     assert "name: mine" in res.stdout and "tracking_uri: sqlite:///var/mlflow.db" in res.stdout
 
