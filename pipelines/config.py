@@ -273,6 +273,20 @@ def overlay_file(name: str | Path) -> Path:
     raise ConfigError(f"config file not found: {path} (shipped overlays: {', '.join(shipped_overlays())})")
 
 
+def overlay_name(path: str | Path) -> str:
+    """How to name an overlay in a command to copy: `conf/...` for a shipped one when that name means the same file
+    from here (so no site-packages path), else the path as recorded."""
+    p = Path(path)
+    if p.is_absolute() and p.is_relative_to(CONF_DIR):
+        short = f"conf/{p.relative_to(CONF_DIR).as_posix()}"
+        try:
+            if overlay_file(short).resolve() == p.resolve():
+                return short
+        except ConfigError:
+            pass
+    return str(path)
+
+
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
     """Load base.yaml, merge `files` in order, apply `overrides`, and validate into a Config."""
     data = _read_yaml(BASE_FILE)

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from pipelines.config import Config, resolve_path
+from pipelines.config import Config, overlay_name, resolve_path
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -112,7 +112,7 @@ def ui_command(cfg: Config) -> str:
     uri = tracking_uri(cfg)
     if uri.startswith("http"):
         return f"open {uri}"
-    return " ".join(["sparkvision ui", *(f"--conf {src}" for src in cfg.sources[1:])])  # sources[0] is base.yaml
+    return " ".join(["sparkvision ui", *(f"--conf {overlay_name(src)}" for src in cfg.sources[1:])])  # [0]: base
 
 
 def dump_yaml(data: dict[str, Any]) -> str:

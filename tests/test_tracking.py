@@ -30,10 +30,16 @@ def test_relative_sqlite_uri_is_made_absolute(cfg_factory, tmp_path, monkeypatch
     assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path}/rel/mlflow.db"
 
 
-def test_ui_command_repeats_every_conf_file_the_job_was_given():
+def test_ui_command_repeats_every_conf_file_the_job_was_given(tmp_path, monkeypatch):
     from pipelines.config import CONF_DIR, load_config
 
+    monkeypatch.chdir(tmp_path)
     cfg = load_config([CONF_DIR / "local.yaml", CONF_DIR / "profiles/accurate.yaml"])
+    # Shipped overlays by their short names (an installed wheel's would otherwise be site-packages paths).
+    assert tracking.ui_command(cfg) == "sparkvision ui --conf conf/local.yaml --conf conf/profiles/accurate.yaml"
+    # Unless conf/local.yaml here is another file: then the path that was used.
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf/local.yaml").write_text("train:\n  epochs: 5\n")
     assert tracking.ui_command(cfg) == (f"sparkvision ui --conf {CONF_DIR / 'local.yaml'} "
-                                        f"--conf {CONF_DIR / 'profiles/accurate.yaml'}")
+                                        "--conf conf/profiles/accurate.yaml")
     assert tracking.ui_command(load_config([])) == "sparkvision ui"
