@@ -322,6 +322,7 @@ def _check_ranges(cfg: Config, origin: dict[str, str]) -> None:
         ("ingest.files_per_split", cfg.ingest.files_per_split >= 1, "at least 1"),
         ("train.num_proc", cfg.train.num_proc >= 1, "at least 1"),
         ("train.epochs", cfg.train.epochs >= 1, "at least 1"),
+        ("train.timeout_s", cfg.train.timeout_s >= 1, "at least 1"),
         ("train.batch_size", cfg.train.batch_size >= 1, "at least 1"),
         ("train.cache_mb", cfg.train.cache_mb >= 0, "at least 0 (0 = stream every epoch)"),
         ("train.reader_threads", cfg.train.reader_threads >= 0, "at least 0 (0 = the cores per worker)"),

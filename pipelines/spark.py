@@ -35,15 +35,15 @@ def spark_conf(cfg: Config) -> dict[str, str]:
     for key, value in EXECUTOR_ENV.items():
         conf[f"spark.executorEnv.{key}"] = value
     conf["spark.executorEnv.SPARKVISION_VERBOSE"] = os.environ.get("SPARKVISION_VERBOSE", "0")
-    slots = _local_slots(cfg.spark.master)
+    slots = local_cores(cfg.spark.master)
     if slots:  # local[N]: N Python workers share this machine's cores
         conf["spark.executorEnv.SPARKVISION_TF_THREADS"] = str(max(1, (os.cpu_count() or 1) // slots))
     conf.update(cfg.spark.extra_conf)
     return conf
 
 
-def _local_slots(master: str) -> int:
-    """N for local[N] (cores for local[*]), 0 for a cluster master."""
+def local_cores(master: str) -> int:
+    """N for local[N] (this machine's cores for local[*]), 0 for a cluster master."""
     m = re.fullmatch(r"local(?:\[(\d+|\*)(?:,\d+)?\])?", master)
     if not m:
         return 0

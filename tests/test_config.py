@@ -41,6 +41,7 @@ def test_every_shipped_overlay_is_valid():
     (["ingest.split.validation=0.6", "ingest.split.test=0.5"], "validation + test < 1"),
     (["nosuchsection.x=1"], "unknown key 'nosuchsection'"),
     (["train.cache_mb=-1"], "'train.cache_mb' must be at least 0"),
+    (["train.timeout_s=0"], "'train.timeout_s' must be at least 1"),
     (["train.horovod_cycle_time_ms=0"], "'train.horovod_cycle_time_ms' must be greater than 0, or null"),
     (["ingest.image.channels=true"], "'ingest.image.channels' must be one of 1, 3"),
 ])

@@ -17,10 +17,11 @@ from typing import Any, Callable, Iterator
 from pyspark.sql import SparkSession
 
 from pipelines import tracking
-from pipelines.config import Config, dataset_ref, resolve_path
+from pipelines.config import Config, ConfigError, dataset_ref, resolve_path
 from pipelines.console import hush, is_verbose, say
 from pipelines.dataset.contract import DatasetVersion, Manifest, resolve_dataset
 from pipelines.errors import PipelineError, first_line
+from pipelines.spark import local_cores
 from pipelines.train.worker import PROGRESS_FILE, WorkerSpec, read_state, steps_per_epoch, train_worker
 
 
@@ -134,6 +135,31 @@ def _check_shardable(ds: DatasetVersion, manifest: Manifest, workers: int) -> No
         raise PipelineError(f"{ds.ref} has an empty training split")
 
 
+def _check_task_slots(spark: SparkSession, workers: int) -> None:
+    """Horovod runs each worker in its own Spark task, all at once. A local master's slots are fixed, so too few is
+    a config error now rather than a wait of train.timeout_s; a cluster may still be adding executors."""
+    master = spark.sparkContext.master
+    cores = local_cores(master)
+    per_task = int(spark.sparkContext.getConf().get("spark.task.cpus", "1"))
+    if cores and workers > cores // per_task:
+        raise ConfigError(f"train.num_proc={workers} needs {workers} Spark task slots at once (one per Horovod "
+                          f"worker) and spark.master {master} has {cores // per_task}: set train.num_proc to at most "
+                          f"{cores // per_task}, or spark.master to local[{workers * per_task}]")
+
+
+_START_TIMEOUT = "Timed out waiting for Spark tasks to start"
+
+
+def launch_failure(exc: BaseException, output: WorkerOutput, workers: int, start_timeout: int) -> str:
+    """What stopped horovod.spark.run, in one line: too few task slots, or the failing worker's own exception."""
+    if _START_TIMEOUT in str(exc):
+        return (f"training could not start: Spark did not run {workers} tasks at once (one per Horovod worker) "
+                f"within train.timeout_s={start_timeout}s: the cluster needs train.num_proc={workers} free task "
+                f"slots; if its executors start on demand, raise train.timeout_s")
+    cause = worker_exception(output, str(exc)) or f"{type(exc).__name__}: {first_line(exc)}"
+    return f"training failed on a Horovod worker ({cause}); worker log: {output.path}"
+
+
 def worker_spec(cfg: Config, ds: DatasetVersion, manifest: Manifest, run_id: str, start_epoch: int,
                 history: list) -> WorkerSpec:
     t = cfg.train
@@ -220,6 +246,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
     ds = resolve_dataset(cfg.paths.datasets_root, dataset_ref(cfg))
     manifest = ds.manifest()
     t = cfg.train
+    _check_task_slots(spark, t.num_proc)
     _check_shardable(ds, manifest, t.num_proc)
     tracking.configure(cfg)
     if resume:
@@ -263,12 +290,10 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
             with spark_thread_errors_to(out):
                 results = horovod.spark.run(worker_fn, args=(spec,), num_proc=t.num_proc, env=env, stdout=out,
                                             stderr=out, verbose=2 if is_verbose() else 0,
-                                            start_timeout=min(t.timeout_s, 600), use_gloo=True)
+                                            start_timeout=t.timeout_s, use_gloo=True)
         except Exception as exc:
             out.flush()
-            cause = worker_exception(out, str(exc)) or f"{type(exc).__name__}: {first_line(exc)}"
-            raise PipelineError(f"training failed on a Horovod worker ({cause}); "
-                                f"worker log: {ckpt_dir / 'workers.log'}") from exc
+            raise PipelineError(launch_failure(exc, out, t.num_proc, t.timeout_s)) from exc
         finally:
             printer.stop()
             out.flush()

@@ -1,12 +1,15 @@
 """Distributed training with real Horovod workers (Gloo) on a real local[2] SparkSession."""
 import os
 import sys
+import threading
+import time
 
 import cloudpickle
 import mlflow
 import numpy as np
 import pytest
 
+from pipelines.config import ConfigError
 from pipelines.errors import PipelineError
 from pipelines.ingest.job import run_ingest
 from pipelines.train.job import WorkerOutput, run_train, worker_exception
@@ -140,6 +143,46 @@ def test_the_reported_failure_is_the_cause_not_the_workers_horovod_shut_down(tmp
     cause = worker_exception(out, "Process name: 0\nExit code: 1")
     assert cause == "OSError: [Errno 2] No such file or directory: '/data/x'"
     assert worker_exception(WorkerOutput(tmp_path / "empty.log"), "Process name: 0") is None
+
+
+def test_more_workers_than_local_task_slots_is_a_config_error_before_any_run(spark, small):
+    before = len(mlflow.search_runs(search_all_experiments=True))
+    with pytest.raises(ConfigError, match=r"train.num_proc=3 needs 3 Spark task slots at once \(one per Horovod "
+                                          r"worker\) and spark.master local\[2\] has 2: set train.num_proc to at "
+                                          r"most 2, or spark.master to local\[3\]"):
+        run_train(spark, cfg_for(small, "train.num_proc=3"))
+    assert len(mlflow.search_runs(search_all_experiments=True)) == before  # nothing to clean up
+
+
+def _busy(_):
+    time.sleep(120)
+
+
+def test_a_busy_cluster_that_never_frees_the_slots_is_named_as_such(spark, small):
+    sc = spark.sparkContext
+    holding = threading.Event()
+
+    def hold_a_slot():  # another job keeps one of the two task slots busy, as on a shared cluster
+        sc.setJobGroup("hold-a-slot", "a job that keeps one slot busy", interruptOnCancel=True)
+        try:
+            sc.parallelize([0], 1).foreach(_busy)
+        except Exception:
+            pass  # cancelled below
+        holding.set()
+
+    holder = threading.Thread(target=hold_a_slot, daemon=True)
+    holder.start()
+    try:
+        time.sleep(3)
+        with pytest.raises(PipelineError, match=r"training could not start: Spark did not run 2 tasks at once "
+                                                r"\(one per Horovod worker\) within train.timeout_s=10s: the cluster needs "
+                                                r"train.num_proc=2 free task slots; if its executors start on demand"):
+            run_train(spark, cfg_for(small, "train.timeout_s=10"))
+    finally:
+        sc.cancelJobGroup("hold-a-slot")
+        assert holding.wait(60)
+    runs = mlflow.search_runs(order_by=["start_time DESC"], max_results=1)
+    assert runs.iloc[0]["status"] == "FAILED"
 
 
 def test_resume_of_unknown_run_is_a_clear_error(spark, small):
