@@ -237,6 +237,48 @@ def _log_model(cfg: Config, model_path: str, manifest: Manifest) -> tuple[str, s
     return f"runs:/{mlflow.active_run().info.run_id}/model", str(version.version)
 
 
+# What a run trains: resuming with any of these different would continue another recipe, or load a checkpoint into
+# a model or optimizer it does not fit. The rest of train.* (epochs, num_proc, the feed, timeouts) may change.
+RECIPE_KEYS = ("dataset", *(f"train.{k}" for k in (
+    "model", "activation", "dropout", "l2", "width", "batch_size", "optimizer", "learning_rate", "scale_lr",
+    "momentum", "schedule", "warmup_epochs", "class_weights", "augment", "seed", "mixed_precision")))
+
+
+def _resume_state(cfg: Config, ds: DatasetVersion, run_id: str) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    """The checkpoint state to continue `run_id` from, and the (key, was, now) settings this resume changes.
+
+    Every reason a resume cannot go on is found here, before the run is reopened, so a refused resume leaves the
+    run as it was (a FINISHED run stays FINISHED)."""
+    import mlflow
+
+    try:
+        recorded = mlflow.get_run(run_id).data.params
+    except Exception:
+        raise PipelineError(f"--resume {run_id}: no such MLflow run in {tracking.tracking_uri(cfg)}") from None
+    now = {k: str(v)[:500] for k, v in tracking.flatten({"train": cfg.to_dict()["train"]}).items()}
+    now["dataset"] = ds.ref
+    changed = [(k, recorded[k], now[k]) for k in sorted(now) if k in recorded and recorded[k] != now[k]]
+    recipe = [(k, was, new) for k, was, new in changed if k in RECIPE_KEYS]
+    if recipe:
+        differ = ", ".join(f"{k} {was} (here {new})" for k, was, new in recipe)
+        fix = " ".join(f"--set {'train.dataset' if k == 'dataset' else k}={_as_yaml(was)}" for k, was, _ in recipe)
+        raise ConfigError(f"--resume {run_id}: the run was trained with {differ}; resume with the run's settings "
+                          f"({fix}) or start a new run")
+    ckpt_dir = resolve_path(cfg.paths.checkpoints_root) / run_id
+    state = read_state(ckpt_dir)
+    if state is None:
+        raise PipelineError(f"--resume {run_id}: no completed epoch checkpoint under {ckpt_dir}")
+    if state["epoch"] >= cfg.train.epochs:
+        raise PipelineError(f"--resume {run_id}: already trained {state['epoch']} epochs; set train.epochs above "
+                            f"{state['epoch']} to train more")
+    return state, changed
+
+
+def _as_yaml(param: str) -> str:
+    """An MLflow param string (Python's str of the value) as a --set value."""
+    return {"True": "true", "False": "false", "None": "null"}.get(param, param)
+
+
 def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
               worker_fn: Callable[[WorkerSpec], dict] = train_worker) -> dict[str, Any]:
     """Train on the configured dataset with train.num_proc Horovod workers; return run id, model URI, version."""
@@ -249,30 +291,23 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
     _check_task_slots(spark, t.num_proc)
     _check_shardable(ds, manifest, t.num_proc)
     tracking.configure(cfg)
-    if resume:
-        import mlflow
-
-        try:
-            mlflow.get_run(resume)
-        except Exception:
-            raise PipelineError(f"--resume {resume}: no such MLflow run in {tracking.tracking_uri(cfg)}") from None
+    state, changed = _resume_state(cfg, ds, resume) if resume else (None, {})
     tags = {"num_workers": str(t.num_proc), "spark_master": spark.sparkContext.master, "dataset": ds.ref}
     with tracking.run(cfg, "train", run_id=resume, tags=tags) as active:
         import mlflow
 
         run_id = active.info.run_id
         ckpt_dir = resolve_path(cfg.paths.checkpoints_root) / run_id
-        state = read_state(ckpt_dir) if resume else None
-        if resume and state is None:
-            raise PipelineError(f"--resume {resume}: no completed epoch checkpoint under {ckpt_dir}")
         start_epoch = state["epoch"] if state else 0
         if not resume:
             tracking.log_config(cfg, ("train", "spark"))
             mlflow.log_params({"dataset": ds.ref, "global_batch_size": t.batch_size * t.num_proc,
                                "steps_per_epoch": steps_per_epoch(manifest.count("train"), t.batch_size, t.num_proc)})
             _log_dataset(ds, manifest)
-        if start_epoch >= t.epochs:
-            raise PipelineError(f"--resume {resume}: already trained {start_epoch} epochs (train.epochs={t.epochs})")
+        else:  # params are the run's first settings and cannot change: record what this resume changed
+            mlflow.set_tag(f"resumed_at_epoch_{start_epoch + 1}",
+                           ", ".join(f"{k}: {old} -> {new}" for k, old, new in changed) or "no changes")
+            mlflow.log_dict(cfg.to_dict(), f"config_resumed_at_epoch_{start_epoch + 1}.yaml")
         spec = worker_spec(cfg, ds, manifest, run_id, start_epoch, state["history"] if state else [])
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         out = WorkerOutput(ckpt_dir / "workers.log")

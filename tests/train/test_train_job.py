@@ -90,6 +90,21 @@ def test_resume_continues_at_the_next_epoch_in_the_same_run(spark, small):
     assert resumed["epochs_run"] == 3
     steps = sorted(m.step for m in mlflow.MlflowClient().get_metric_history(first["run_id"], "loss"))
     assert steps == [0, 1, 2]
+    run = mlflow.get_run(first["run_id"])
+    assert run.data.tags["resumed_at_epoch_2"] == "train.epochs: 1 -> 3"
+
+
+def test_a_resume_that_cannot_go_on_says_why_and_leaves_the_run_as_it_was(spark, small):
+    first = run_train(spark, cfg_for(small, "train.epochs=1"))
+    with pytest.raises(ConfigError, match=r"the run was trained with train.dropout 0.25 \(here 0.5\), train.model "
+                                          r"mnist_cnn \(here lenet5\); resume with the run's settings \(--set "
+                                          r"train.dropout=0.25 --set train.model=mnist_cnn\) or start a new run"):
+        run_train(spark, cfg_for(small, "train.epochs=2", "train.model=lenet5", "train.dropout=0.5"),
+                  resume=first["run_id"])
+    with pytest.raises(PipelineError, match="already trained 1 epochs; set train.epochs above 1"):
+        run_train(spark, cfg_for(small, "train.epochs=1"), resume=first["run_id"])
+    run = mlflow.get_run(first["run_id"])
+    assert run.info.status == "FINISHED" and not any(t.startswith("resumed_at") for t in run.data.tags)
 
 
 def failing_worker(spec):
