@@ -10,6 +10,7 @@ from typing import Callable
 from pipelines.config import Config, ConfigError, load_config
 from pipelines.console import emit_result, is_verbose, quiet_libraries
 from pipelines.errors import PipelineError, first_line
+from pipelines.signals import Stopped, stop_on_signals
 
 # Job name -> "module:function(spark, cfg, **options) -> dict". Imported only when run.
 JOBS = {
@@ -108,6 +109,12 @@ def _run_other(args: argparse.Namespace, cfg: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries(args.verbose)
+    with stop_on_signals():  # SIGTERM/SIGINT unwind the job: its MLflow run ends KILLED, exit 128 + the signal
+        return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; every way it can end is one line on stderr and an exit code."""
     try:
         cfg = load_config(args.conf, args.overrides)
         if args.print_config:
@@ -127,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Stopped as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

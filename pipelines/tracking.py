@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import yaml
 
 from pipelines.config import Config, overlay_name, resolve_path
+from pipelines.signals import Stopped
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -79,7 +80,7 @@ def git_commit() -> str:
 
 @contextlib.contextmanager
 def run(cfg: Config, name: str, run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """An MLflow run that ends FINISHED, or FAILED with the error recorded, whatever goes wrong."""
+    """An MLflow run that ends FINISHED; KILLED when the job is stopped by a signal; else FAILED with the error."""
     import mlflow
 
     configure(cfg)
@@ -87,6 +88,10 @@ def run(cfg: Config, name: str, run_id: str | None = None, tags: dict[str, str] 
     try:
         mlflow.set_tags({"git_commit": git_commit(), "sparkvision.stage": name, **(tags or {})})
         yield active
+    except (Stopped, KeyboardInterrupt) as exc:
+        mlflow.set_tag("error", str(exc) or type(exc).__name__)
+        mlflow.end_run(status="KILLED")
+        raise
     except BaseException as exc:
         mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
         mlflow.end_run(status="FAILED")

@@ -21,6 +21,7 @@ from pipelines.config import Config, ConfigError, dataset_ref, resolve_path
 from pipelines.console import hush, is_verbose, say
 from pipelines.dataset.contract import DatasetVersion, Manifest, resolve_dataset
 from pipelines.errors import PipelineError, first_line
+from pipelines.signals import SignalWatch, Stopped
 from pipelines.spark import local_cores
 from pipelines.train.worker import PROGRESS_FILE, WorkerSpec, read_state, steps_per_epoch, train_worker
 
@@ -45,12 +46,13 @@ class WorkerOutput(io.TextIOBase):
 
 @contextmanager
 def spark_thread_errors_to(out: WorkerOutput) -> Iterator[None]:
-    """When a worker fails, Horovod's `run_spark` thread dies with the cancelled Spark job's Java stack trace; the
-    driver reports the worker's own error instead, so that trace goes to the worker log (and stderr with --verbose)."""
+    """When a worker fails, Horovod's `run_spark` thread dies with the cancelled Spark job's Java stack trace (and
+    its output forwarders with 'Pipe is closed' when the workers are stopped); the driver reports the worker's own
+    error instead, so those traces go to the worker log (and stderr with --verbose)."""
     previous = threading.excepthook
 
     def hook(args: Any) -> None:
-        if args.thread is not None and "run_spark" in args.thread.name:
+        if args.thread is not None and any(n in args.thread.name for n in ("run_spark", "prefix_connection")):
             out.write("".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
         else:
             previous(args)
@@ -322,13 +324,19 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
         spark.sparkContext.setJobDescription("sparkvision train (horovod)")
         printer.start()
         try:
-            with spark_thread_errors_to(out):
-                results = horovod.spark.run(worker_fn, args=(spec,), num_proc=t.num_proc, env=env, stdout=out,
-                                            stderr=out, verbose=2 if is_verbose() else 0,
-                                            start_timeout=t.timeout_s, use_gloo=True)
-        except Exception as exc:
-            out.flush()
-            raise PipelineError(launch_failure(exc, out, t.num_proc, t.timeout_s)) from exc
+            with spark_thread_errors_to(out), SignalWatch() as signals:
+                try:
+                    results = horovod.spark.run(worker_fn, args=(spec,), num_proc=t.num_proc, env=env, stdout=out,
+                                                stderr=out, verbose=2 if is_verbose() else 0,
+                                                start_timeout=t.timeout_s, use_gloo=True)
+                except Exception as exc:
+                    if not signals.received():
+                        out.flush()
+                        raise PipelineError(launch_failure(exc, out, t.num_proc, t.timeout_s)) from exc
+                if signals.received():  # Horovod's own handlers stopped the workers; stop here too
+                    done = (read_state(ckpt_dir) or {}).get("epoch", 0)
+                    raise Stopped(signals.received(), f"the workers were stopped after {done} completed epoch(s); "
+                                                      f"continue with --resume {run_id}")
         finally:
             printer.stop()
             out.flush()

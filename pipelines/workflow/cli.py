@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
 from pipelines.config import Config
 from pipelines.console import emit_result, is_verbose, say
+from pipelines.signals import call_on_signals
 from pipelines.workflow.definition import load_workflow
 from pipelines.workflow.runner import SUCCESS, WorkflowRunner, list_runs
 
@@ -25,11 +27,15 @@ def workflow_command(args: argparse.Namespace, cfg: Config) -> int:
     runner = WorkflowRunner(cfg, wf, args.conf, args.overrides, is_verbose())
     if args.action == "run":
         try:
-            record = runner.run(repair_from=args.from_task)
+            with call_on_signals(runner.cancel) as received:  # SIGTERM/Ctrl-C: stop the task in flight, keep the record
+                record = runner.run(repair_from=args.from_task)
         except ValueError as exc:
             say("workflow", f"error: {exc}")
             return 2
         emit_result(_summary(record))
+        if received:
+            say("workflow", f"run {record.run_id} {record.status}: stopped by {signal.Signals(received[0]).name}")
+            return 128 + received[0]
         if record.status != SUCCESS:
             bad = next((k for k, v in record.tasks.items() if v.get("status") not in (SUCCESS, "REUSED")), "?")
             say("workflow", f"run {record.run_id} {record.status}: task {bad!r} failed; log "

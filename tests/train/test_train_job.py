@@ -200,6 +200,36 @@ def test_a_busy_cluster_that_never_frees_the_slots_is_named_as_such(spark, small
     assert runs.iloc[0]["status"] == "FAILED"
 
 
+def test_sigterm_stops_the_workers_and_ends_the_run_killed_ready_to_resume(small):
+    import signal
+    import subprocess
+
+    root, overrides, _ = small
+    paths = [f"paths.datasets_root={root}/datasets", f"paths.checkpoints_root={root}/checkpoints",
+             f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db", f"mlflow.artifact_location={root}/mlartifacts",
+             "train.model=mnist_cnn", *overrides, "train.epochs=50"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", *(x for o in paths for x in ("--set", o))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stderr:  # wait for the first epoch line: the workers are training
+        lines.append(line)
+        if line.startswith("[train] epoch 1/50"):
+            break
+    proc.send_signal(signal.SIGTERM)  # to the driver alone, as `kill PID` does
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM: the workers were stopped after ") and "--resume " in last
+    run_id = last.rsplit(" ", 1)[-1]
+    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db").get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["error"] == last
+    deadline = time.monotonic() + 30  # the Spark JVM and its Python workers exit once the driver has gone
+    while (left := subprocess.run(["ps", "-o", "pid=,args=", "-s", str(proc.pid)], capture_output=True,
+                                  text=True).stdout.strip()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert left == ""  # no Horovod worker, Spark JVM or executor left behind
+
+
 def test_resume_of_unknown_run_is_a_clear_error(spark, small):
     with pytest.raises(PipelineError, match="no such MLflow run"):
         run_train(spark, cfg_for(small), resume="0123456789abcdef")

@@ -180,3 +180,25 @@ def test_scheduler_fires_never_overlaps_and_stops_on_sigterm(tmp_path):
     assert len(records) == 1
     record = json.loads(records[0].read_text())
     assert record["trigger"] == "schedule" and record["status"] == "CANCELLED"
+
+
+@pytest.mark.slow
+def test_workflow_run_stopped_by_sigterm_stops_the_task_and_records_the_run_cancelled(tmp_path):
+    f = toy_workflow(tmp_path, [task("slow", ["slow"]), task("after", ["after"], ["slow"])])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "workflow", "run", str(f),
+                             "--set", f"paths.runs_root={tmp_path}/runs"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "slow.count").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    task_running = ["pgrep", "-f", str((tmp_path / "task.py").resolve())]
+    assert subprocess.run(task_running, capture_output=True, text=True).stdout != ""
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["status"] == "CANCELLED" and record["tasks"]["slow"]["status"] == "CANCELLED"
+    assert record["tasks"]["after"]["status"] == "CANCELLED"
+    assert subprocess.run(task_running, capture_output=True, text=True).stdout == ""  # stopped, not left running

@@ -1,0 +1,106 @@
+"""Stopping a job with SIGTERM or SIGINT (a workflow task's timeout or cancel, a scheduler, Ctrl-C): the job unwinds,
+its MLflow run ends KILLED instead of staying RUNNING, nothing is half-published, and it exits 128 + the signal."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(BaseException):
+    """The job was told to stop. A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int, detail: str = ""):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}" + (f": {detail}" if detail else ""))
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT raise Stopped in the main thread (outside it, nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.signal(s, _raise_stopped) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def call_on_signals(action: Callable[[], None]) -> Iterator[list[int]]:
+    """While the block runs, SIGTERM and SIGINT call `action` (cancel the work in flight) instead of raising; the
+    list holds the signals received."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        received.append(signum)
+        action()
+
+    saved = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, previous in saved.items():
+            signal.signal(s, previous)
+
+
+class SignalWatch:
+    """Which stop signal arrived during a block, whoever handled it, and the process's handlers put back after it.
+
+    Horovod's launcher installs its own SIGTERM/SIGINT handlers (they stop the workers, and the launch then fails
+    like any worker failure) and leaves them installed. Python writes every signal it handles to the wakeup fd, so
+    the job can still tell "stopped" from "failed"."""
+
+    def __init__(self) -> None:
+        self._read = self._write = -1
+        self._saved: dict[int, object] = {}
+        self._previous_fd = -1
+        self._seen: list[int] = []
+
+    def __enter__(self) -> "SignalWatch":
+        if threading.current_thread() is threading.main_thread():
+            self._saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+            self._read, self._write = os.pipe()
+            os.set_blocking(self._read, False)
+            os.set_blocking(self._write, False)
+            self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        return self
+
+    def received(self) -> int | None:
+        """The first stop signal that arrived inside the block so far, or None."""
+        if self._read >= 0:
+            try:
+                self._seen.extend(b for b in os.read(self._read, 256) if b in STOP_SIGNALS)
+            except BlockingIOError:
+                pass
+        return self._seen[0] if self._seen else None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._read < 0:
+            return
+        self.received()
+        signal.set_wakeup_fd(self._previous_fd)
+        for s, handler in self._saved.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(s, handler)
+        os.close(self._read)
+        os.close(self._write)
+        self._read = -1
