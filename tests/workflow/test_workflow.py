@@ -156,6 +156,18 @@ def test_cli_exit_codes_and_runs_listing(tmp_path):
     assert "toy" in listed.stdout and "FAILED" in listed.stdout
 
 
+def start_until_slow_task_runs(tmp_path: Path, action: str, workflow: Path) -> subprocess.Popen:
+    """`sparkvision workflow ACTION WORKFLOW` in the background, returned once its "slow" task has started."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "workflow", action, str(workflow),
+                             "--set", f"paths.runs_root={tmp_path}/runs"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "slow.count").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return proc
+
+
 @pytest.mark.slow
 def test_scheduler_fires_never_overlaps_and_stops_on_sigterm(tmp_path):
     (tmp_path / "task.py").write_text(TASK)
@@ -163,13 +175,7 @@ def test_scheduler_fires_never_overlaps_and_stops_on_sigterm(tmp_path):
     f.write_text(yaml.safe_dump({"resources": {"jobs": {"tick": {
         "name": "tick", "schedule": {"quartz_cron_expression": "*/2 * * * * ?", "timezone_id": "UTC"},
         "tasks": [task("slow", ["slow"])]}}}}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "workflow", "schedule", str(f),
-                             "--set", f"paths.runs_root={tmp_path}/runs"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "slow.count").exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    proc = start_until_slow_task_runs(tmp_path, "schedule", f)
     time.sleep(5)  # several fire times pass while the first run is still going: no second run starts
     assert (tmp_path / "slow.count").read_text() == "1"
     proc.send_signal(signal.SIGTERM)
@@ -185,13 +191,7 @@ def test_scheduler_fires_never_overlaps_and_stops_on_sigterm(tmp_path):
 @pytest.mark.slow
 def test_workflow_run_stopped_by_sigterm_stops_the_task_and_records_the_run_cancelled(tmp_path):
     f = toy_workflow(tmp_path, [task("slow", ["slow"]), task("after", ["after"], ["slow"])])
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "workflow", "run", str(f),
-                             "--set", f"paths.runs_root={tmp_path}/runs"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "slow.count").exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    proc = start_until_slow_task_runs(tmp_path, "run", f)
     task_running = ["pgrep", "-f", str((tmp_path / "task.py").resolve())]
     assert subprocess.run(task_running, capture_output=True, text=True).stdout != ""
     proc.send_signal(signal.SIGTERM)
