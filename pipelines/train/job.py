@@ -293,7 +293,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
     _check_task_slots(spark, t.num_proc)
     _check_shardable(ds, manifest, t.num_proc)
     tracking.configure(cfg)
-    state, changed = _resume_state(cfg, ds, resume) if resume else (None, {})
+    state, changed = _resume_state(cfg, ds, resume) if resume else (None, [])
     tags = {"num_workers": str(t.num_proc), "spark_master": spark.sparkContext.master, "dataset": ds.ref}
     with tracking.run(cfg, "train", run_id=resume, tags=tags) as active:
         import mlflow
@@ -336,7 +336,8 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
                 if signals.received():  # Horovod's own handlers stopped the workers; stop here too
                     done = (read_state(ckpt_dir) or {}).get("epoch", 0)
                     raise Stopped(signals.received(), f"the workers were stopped after {done} completed epoch(s); "
-                                                      f"continue with --resume {run_id}")
+                                  f"continue with --resume {run_id}" if done else
+                                  "the workers were stopped before the first epoch completed")
         finally:
             printer.stop()
             out.flush()
