@@ -2,6 +2,7 @@
 its MLflow run ends KILLED instead of staying RUNNING, nothing is half-published, and it exits 128 + the signal."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -11,19 +12,36 @@ from typing import Callable, Iterator
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def signal_name(signum: int | None) -> str:
+    """SIGTERM, SIGINT, ...; a KeyboardInterrupt with no signal recorded is Ctrl-C, SIGINT."""
+    return signal.Signals(signum or signal.SIGINT).name
+
+
 class Stopped(BaseException):
     """The job was told to stop. A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
 
     def __init__(self, signum: int, detail: str = ""):
         self.signum = signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}" + (f": {detail}" if detail else ""))
+        super().__init__(f"stopped by {signal_name(signum)}" + (f": {detail}" if detail else ""))
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
 
 
+_requested: list[int] = []  # the stop signals this process has received
+
+
+def stop_requested() -> int | None:
+    """The first stop signal received, if any. With the whole process group signalled (a workflow task's timeout,
+    Ctrl-C), Spark's JVM dies too, and the error that reaches the job can be py4j's, not Stopped."""
+    return _requested[0] if _requested else None
+
+
 def _raise_stopped(signum: int, _frame: object) -> None:
+    _requested.append(signum)
+    if os.environ.get("SPARKVISION_VERBOSE") != "1":
+        logging.getLogger().setLevel(logging.CRITICAL)  # py4j logs every call the dying JVM refuses, at ERROR
     raise Stopped(signum)
 
 
@@ -88,9 +106,11 @@ class SignalWatch:
         """The first stop signal that arrived inside the block so far, or None."""
         if self._read >= 0:
             try:
-                self._seen.extend(b for b in os.read(self._read, 256) if b in STOP_SIGNALS)
+                new = [b for b in os.read(self._read, 256) if b in STOP_SIGNALS]
             except BlockingIOError:
-                pass
+                new = []
+            self._seen.extend(new)
+            _requested.extend(new)
         return self._seen[0] if self._seen else None
 
     def __exit__(self, *exc: object) -> None:

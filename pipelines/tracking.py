@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import yaml
 
 from pipelines.config import Config, overlay_name, resolve_path
-from pipelines.signals import Stopped
+from pipelines.signals import Stopped, signal_name, stop_requested
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -88,13 +88,14 @@ def run(cfg: Config, name: str, run_id: str | None = None, tags: dict[str, str] 
     try:
         mlflow.set_tags({"git_commit": git_commit(), "sparkvision.stage": name, **(tags or {})})
         yield active
-    except (Stopped, KeyboardInterrupt) as exc:
-        mlflow.set_tag("error", str(exc) or type(exc).__name__)
-        mlflow.end_run(status="KILLED")
-        raise
     except BaseException as exc:
-        mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.end_run(status="FAILED")
+        signum = exc.signum if isinstance(exc, Stopped) else stop_requested()
+        if signum or isinstance(exc, KeyboardInterrupt):
+            mlflow.set_tag("error", str(exc) if isinstance(exc, Stopped) else f"stopped by {signal_name(signum)}")
+            mlflow.end_run(status="KILLED")
+        else:
+            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+            mlflow.end_run(status="FAILED")
         raise
     else:
         mlflow.end_run(status="FINISHED")
