@@ -200,7 +200,8 @@ def test_a_busy_cluster_that_never_frees_the_slots_is_named_as_such(spark, small
     assert runs.iloc[0]["status"] == "FAILED"
 
 
-def test_sigterm_stops_the_workers_and_ends_the_run_killed_ready_to_resume(small):
+@pytest.mark.parametrize("to", ["driver", "process_group"])  # `kill PID`; a workflow task timeout, Ctrl-C
+def test_sigterm_stops_the_workers_and_ends_the_run_killed_ready_to_resume(small, to):
     import signal
     import subprocess
 
@@ -215,7 +216,10 @@ def test_sigterm_stops_the_workers_and_ends_the_run_killed_ready_to_resume(small
         lines.append(line)
         if line.startswith("[train] epoch 1/50"):
             break
-    proc.send_signal(signal.SIGTERM)  # to the driver alone, as `kill PID` does
+    if to == "driver":
+        proc.send_signal(signal.SIGTERM)
+    else:  # Spark's JVM and the workers get it too
+        os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + err
     last = err.strip().splitlines()[-1]
