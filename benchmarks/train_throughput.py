@@ -55,11 +55,13 @@ def _single_thread_fit(args: tuple) -> float:
     manifest, train_dir, model_name, batch, epochs, part, bind, policy = args
     import os
 
+    from pipelines.console import quiet_libraries
+
+    quiet_libraries(False)  # a spawned process: TensorFlow's AutoGraph warnings, as in the parent
     if bind:
         from pipelines.train.worker import bind_to_cores, core_group
 
         bind_to_cores(core_group(sorted(os.sched_getaffinity(0)), part[0], part[1]))
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
