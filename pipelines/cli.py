@@ -10,7 +10,7 @@ from typing import Callable
 from pipelines.config import Config, ConfigError, load_config
 from pipelines.console import emit_result, is_verbose, quiet_libraries
 from pipelines.errors import PipelineError, first_line
-from pipelines.signals import Stopped, signal_name, stop_on_signals, stop_requested
+from pipelines.signals import Stopped, stop_on_signals, stop_requested
 
 # Job name -> "module:function(spark, cfg, **options) -> dict". Imported only when run.
 JOBS = {
@@ -106,9 +106,9 @@ def _run_other(args: argparse.Namespace, cfg: Config) -> int:
     raise AssertionError(args.command)
 
 
-def _stopped(signum: int) -> int:
-    print(f"stopped by {signal_name(signum)}", file=sys.stderr)
-    return 128 + signum
+def _stopped(exc: Stopped) -> int:
+    print(exc, file=sys.stderr)
+    return exc.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,20 +136,19 @@ def _run_command(args: argparse.Namespace) -> int:
         return 2
     except PipelineError as exc:
         if stop_requested():
-            return _stopped(stop_requested())
+            return _stopped(Stopped(stop_requested()))
         if is_verbose():
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Stopped as exc:
-        print(exc, file=sys.stderr)
-        return exc.exit_code
+        return _stopped(exc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # anything unexpected: one line by default, the traceback with --verbose
         if stop_requested():  # what a JVM killed along with this process raises on the way out
-            return _stopped(stop_requested())
+            return _stopped(Stopped(stop_requested()))
         if is_verbose():
             traceback.print_exc()
         print(f"error: {type(exc).__name__}: {first_line(exc)} (rerun with --verbose for the traceback)",

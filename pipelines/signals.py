@@ -2,6 +2,7 @@
 its MLflow run ends KILLED instead of staying RUNNING, nothing is half-published, and it exits 128 + the signal."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -46,38 +47,37 @@ def _raise_stopped(signum: int, _frame: object) -> None:
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """While the block runs, SIGTERM and SIGINT raise Stopped in the main thread (outside it, nothing changes)."""
+def _handled_by(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """`handler` for SIGTERM and SIGINT while the block runs, then the previous handlers again. Only the main thread
+    can set handlers; elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    saved = {s: signal.signal(s, _raise_stopped) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-
-
-@contextmanager
-def call_on_signals(action: Callable[[], None]) -> Iterator[list[int]]:
-    """While the block runs, SIGTERM and SIGINT call `action` (cancel the work in flight) instead of raising; the
-    list holds the signals received."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handler(signum: int, _frame: object) -> None:
-        received.append(signum)
-        action()
-
     saved = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield received
+        yield
     finally:
         for s, previous in saved.items():
             signal.signal(s, previous)
+
+
+def stop_on_signals() -> contextlib.AbstractContextManager[None]:
+    """While the block runs, SIGTERM and SIGINT raise Stopped in the main thread."""
+    return _handled_by(_raise_stopped)
+
+
+@contextmanager
+def call_on_signals(action: Callable[[int], None]) -> Iterator[list[int]]:
+    """While the block runs, SIGTERM and SIGINT call `action(signum)` (cancel the work in flight) instead of raising;
+    the list holds the signals received."""
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        received.append(signum)
+        action(signum)
+
+    with _handled_by(handler):
+        yield received
 
 
 class SignalWatch:

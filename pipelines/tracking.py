@@ -59,14 +59,18 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def config_params(cfg: Config, sections: tuple[str, ...]) -> dict[str, str]:
+    """The given config sections as MLflow params: dotted keys, values as strings (MLflow keeps 500 characters)."""
+    data = cfg.to_dict()
+    return {k: str(v)[:500] for k, v in flatten({s: data[s] for s in sections}).items()}
+
+
 def log_config(cfg: Config, sections: tuple[str, ...]) -> None:
     """The effective config: the given sections as params, all of it as config.yaml."""
     import mlflow
 
-    data = cfg.to_dict()
-    params = flatten({s: data[s] for s in sections})
-    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-    mlflow.log_dict(data, "config.yaml")
+    mlflow.log_params(config_params(cfg, sections))
+    mlflow.log_dict(cfg.to_dict(), "config.yaml")
 
 
 def git_commit() -> str:

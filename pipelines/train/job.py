@@ -143,10 +143,11 @@ def _check_task_slots(spark: SparkSession, workers: int) -> None:
     master = spark.sparkContext.master
     cores = local_cores(master)
     per_task = int(spark.sparkContext.getConf().get("spark.task.cpus", "1"))
-    if cores and workers > cores // per_task:
+    slots = cores // per_task
+    if cores and workers > slots:
         raise ConfigError(f"train.num_proc={workers} needs {workers} Spark task slots at once (one per Horovod "
-                          f"worker) and spark.master {master} has {cores // per_task}: set train.num_proc to at most "
-                          f"{cores // per_task}, or spark.master to local[{workers * per_task}]")
+                          f"worker) and spark.master {master} has {slots}: set train.num_proc to at most {slots}, "
+                          f"or spark.master to local[{workers * per_task}]")
 
 
 _START_TIMEOUT = "Timed out waiting for Spark tasks to start"
@@ -257,8 +258,7 @@ def _resume_state(cfg: Config, ds: DatasetVersion, run_id: str) -> tuple[dict[st
         recorded = mlflow.get_run(run_id).data.params
     except Exception:
         raise PipelineError(f"--resume {run_id}: no such MLflow run in {tracking.tracking_uri(cfg)}") from None
-    now = {k: str(v)[:500] for k, v in tracking.flatten({"train": cfg.to_dict()["train"]}).items()}
-    now["dataset"] = ds.ref
+    now = {**tracking.config_params(cfg, ("train",)), "dataset": ds.ref}
     changed = [(k, recorded[k], now[k]) for k in sorted(now) if k in recorded and recorded[k] != now[k]]
     recipe = [(k, was, new) for k, was, new in changed if k in RECIPE_KEYS]
     if recipe:
@@ -333,10 +333,11 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
                     if not signals.received():
                         out.flush()
                         raise PipelineError(launch_failure(exc, out, t.num_proc, t.timeout_s)) from exc
-                if signals.received():  # Horovod's own handlers stopped the workers; stop here too
+                signum = signals.received()
+                if signum:  # Horovod's own handlers stopped the workers; stop here too
                     done = (read_state(ckpt_dir) or {}).get("epoch", 0)
-                    raise Stopped(signals.received(), f"the workers were stopped after {done} completed epoch(s); "
-                                  f"continue with --resume {run_id}" if done else
+                    raise Stopped(signum, f"the workers were stopped after {done} completed epoch(s); continue "
+                                          f"with --resume {run_id}" if done else
                                   "the workers were stopped before the first epoch completed")
         finally:
             printer.stop()

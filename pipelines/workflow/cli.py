@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
 
 from pipelines.config import Config
 from pipelines.console import emit_result, is_verbose, say
-from pipelines.signals import call_on_signals
+from pipelines.signals import call_on_signals, signal_name
 from pipelines.workflow.definition import load_workflow
 from pipelines.workflow.runner import SUCCESS, WorkflowRunner, list_runs
 
@@ -27,14 +26,14 @@ def workflow_command(args: argparse.Namespace, cfg: Config) -> int:
     runner = WorkflowRunner(cfg, wf, args.conf, args.overrides, is_verbose())
     if args.action == "run":
         try:
-            with call_on_signals(runner.cancel) as received:  # SIGTERM/Ctrl-C: stop the task in flight, keep the record
+            with call_on_signals(lambda _: runner.cancel()) as received:  # SIGTERM/Ctrl-C: stop the task in flight, keep the record
                 record = runner.run(repair_from=args.from_task)
         except ValueError as exc:
             say("workflow", f"error: {exc}")
             return 2
         emit_result(_summary(record))
         if received:
-            say("workflow", f"run {record.run_id} {record.status}: stopped by {signal.Signals(received[0]).name}")
+            say("workflow", f"run {record.run_id} {record.status}: stopped by {signal_name(received[0])}")
             return 128 + received[0]
         if record.status != SUCCESS:
             bad = next((k for k, v in record.tasks.items() if v.get("status") not in (SUCCESS, "REUSED")), "?")

@@ -1,7 +1,6 @@
 """Quartz cron (Databricks' schedule format) on top of croniter, and a scheduler loop that never overlaps runs."""
 from __future__ import annotations
 
-import signal
 import threading
 from datetime import datetime
 from typing import Callable, Iterator
@@ -10,6 +9,7 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 
 from pipelines.config import ConfigError
+from pipelines.signals import call_on_signals, signal_name
 
 _QUARTZ_DOW = {"1": "0", "2": "1", "3": "2", "4": "3", "5": "4", "6": "5", "7": "6"}
 
@@ -65,15 +65,14 @@ class Scheduler:
         self.max_runs = max_runs
         self.stop = threading.Event()
 
-    def _signal(self, signum, _frame) -> None:
-        self.say(f"received {signal.Signals(signum).name}: stopping after cancelling the run in flight")
+    def _stop_on(self, signum: int) -> None:
+        self.say(f"received {signal_name(signum)}: stopping after cancelling the run in flight")
         self.stop.set()
         self.on_cancel()
 
     def serve(self) -> int:
-        old = {s: signal.signal(s, self._signal) for s in (signal.SIGTERM, signal.SIGINT)}
         runs = 0
-        try:
+        with call_on_signals(self._stop_on):
             times = fire_times(self.expr, self.tz)
             upcoming = [next(times) for _ in range(3)]
             self.say("next fire times: " + ", ".join(t.isoformat() for t in upcoming))
@@ -90,8 +89,5 @@ class Scheduler:
                 now = datetime.now(ZoneInfo(self.tz))
                 nxt = next(fire_times(self.expr, self.tz, now))
                 self.say(f"next fire time: {nxt.isoformat()}")
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
         self.say(f"scheduler stopped after {runs} run(s)")
         return 0
