@@ -23,7 +23,8 @@ from pipelines.dataset.contract import DatasetVersion, Manifest, resolve_dataset
 from pipelines.errors import PipelineError, first_line
 from pipelines.signals import SignalWatch, Stopped
 from pipelines.spark import local_cores
-from pipelines.train.worker import PROGRESS_FILE, WorkerSpec, read_state, steps_per_epoch, train_worker
+from pipelines.train.worker import (PROGRESS_FILE, WorkerSpec, policy_setting, read_state, steps_per_epoch,
+                                    train_worker)
 
 
 class WorkerOutput(io.TextIOBase):
@@ -164,7 +165,8 @@ def launch_failure(exc: BaseException, output: WorkerOutput, workers: int, start
 
 
 def worker_spec(cfg: Config, ds: DatasetVersion, manifest: Manifest, run_id: str, start_epoch: int,
-                history: list) -> WorkerSpec:
+                history: list, precision: str | None = None) -> WorkerSpec:
+    """What every worker needs; `precision`: the dtype policy a resumed checkpoint was trained in."""
     t = cfg.train
     weights = manifest.class_weights
     return WorkerSpec(
@@ -180,7 +182,9 @@ def worker_spec(cfg: Config, ds: DatasetVersion, manifest: Manifest, run_id: str
         class_weights=tuple(weights[i] for i in range(manifest.num_classes)) if t.class_weights else (),
         augment=t.augment, shuffle_buffer=t.shuffle_buffer, cache_mb=t.cache_mb, reader_threads=t.reader_threads,
         seed=t.seed, bind_cores=t.bind_cores,
-        mixed_precision=t.mixed_precision, fp16_allreduce=t.fp16_allreduce,
+        # a resume keeps the checkpoint's precision: `auto` or `on` resolve differently on other hardware, and the
+        # recipe would change unseen (the checkpoint itself restores either way: its variables are float32)
+        mixed_precision=policy_setting(precision) if precision else t.mixed_precision, fp16_allreduce=t.fp16_allreduce,
         checkpoint_dir=str(resolve_path(cfg.paths.checkpoints_root) / run_id),
         tracking_uri=tracking.tracking_uri(cfg), run_id=run_id, start_epoch=start_epoch, history=history)
 
@@ -310,7 +314,8 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
             mlflow.set_tag(f"resumed_at_epoch_{start_epoch + 1}",
                            ", ".join(f"{k}: {old} -> {new}" for k, old, new in changed) or "no changes")
             mlflow.log_dict(cfg.to_dict(), f"config_resumed_at_epoch_{start_epoch + 1}.yaml")
-        spec = worker_spec(cfg, ds, manifest, run_id, start_epoch, state["history"] if state else [])
+        spec = worker_spec(cfg, ds, manifest, run_id, start_epoch, state["history"] if state else [],
+                           (state or {}).get("precision"))
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         out = WorkerOutput(ckpt_dir / "workers.log")
         printer = EpochPrinter(ckpt_dir / PROGRESS_FILE, t.epochs)

@@ -111,6 +111,11 @@ def precision_policy(setting: str, has_gpu: bool, cpu_amx: bool) -> str:
     return "mixed_float16" if has_gpu else "mixed_bfloat16"
 
 
+def policy_setting(policy: str) -> str:
+    """The `train.mixed_precision` value that names one resolved policy on any machine."""
+    return {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16", "float32": "off"}[policy]
+
+
 def _thread_ids() -> list[int]:
     return [int(tid) for tid in os.listdir("/proc/self/task")]
 
@@ -331,7 +336,8 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
             epochs_run += 1
             if rank == 0:  # Horovod: only rank 0 writes checkpoints and logs
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
-                _save_checkpoint(ckpt, ckpt_dir, {"epoch": epoch + 1, "history": history})
+                _save_checkpoint(ckpt, ckpt_dir, {"epoch": epoch + 1, "history": history,
+                                                        "precision": policy})
                 _log_epoch(spec, metrics)
                 # Horovod forwards worker stdout to the driver in 64 KiB chunks, so progress goes through a
                 # file on the (shared) checkpoint path that the driver tails.
@@ -382,6 +388,6 @@ def _log_epoch(spec: WorkerSpec, metrics: dict[str, float]) -> None:
         print(f"mlflow logging failed: {exc}", file=sys.stderr)
 
 
-__all__ = ["WorkerSpec", "train_worker", "check_shared_paths", "steps_per_epoch", "precision_policy", "cpu_flags",
+__all__ = ["WorkerSpec", "train_worker", "check_shared_paths", "steps_per_epoch", "precision_policy", "policy_setting", "cpu_flags",
            "cache_shard", "reader_threads", "cores_per_worker", "core_group", "bind_to_cores", "read_state",
            "PROGRESS_FILE"]

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.train.data import FeedOptions, open_batch_reader, split_dataset
-from pipelines.train.worker import cache_shard, core_group, cores_per_worker, precision_policy, reader_threads
+from pipelines.train.worker import (cache_shard, core_group, cores_per_worker, policy_setting, precision_policy,
+                                    reader_threads)
 
 SHAPE = (4, 4, 1)
 
@@ -90,6 +91,13 @@ def test_precision_policy_follows_the_device():
     assert precision_policy("bfloat16", has_gpu=True, cpu_amx=False) == "mixed_bfloat16"
     assert precision_policy("float16", has_gpu=False, cpu_amx=True) == "mixed_float16"
     assert precision_policy("off", has_gpu=True, cpu_amx=True) == "float32"
+
+
+def test_a_resolved_policy_resolves_to_itself_on_any_hardware():
+    """What a resume relies on to keep a checkpoint's precision wherever it runs."""
+    for policy in ("mixed_float16", "mixed_bfloat16", "float32"):
+        for gpu, amx in ((True, True), (True, False), (False, True), (False, False)):
+            assert precision_policy(policy_setting(policy), has_gpu=gpu, cpu_amx=amx) == policy
 
 
 def test_core_groups_split_the_allowed_cores_without_overlap():

@@ -1,4 +1,5 @@
 """Distributed training with real Horovod workers (Gloo) on a real local[2] SparkSession."""
+import json
 import os
 import sys
 import threading
@@ -9,7 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, resolve_path
 from pipelines.errors import PipelineError
 from pipelines.ingest.job import run_ingest
 from pipelines.train.job import WorkerOutput, run_train, worker_exception
@@ -85,9 +86,17 @@ def test_two_workers_train_in_sync_and_log_everything(spark, small):
 
 def test_resume_continues_at_the_next_epoch_in_the_same_run(spark, small):
     first = run_train(spark, cfg_for(small, "train.epochs=1"))
+    state_file = resolve_path(cfg_for(small).paths.checkpoints_root) / first["run_id"] / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["epoch"] == 1 and state["precision"] == first["precision"]
+    # As if the checkpoint came from hardware where `auto` resolved otherwise (a GPU: float16; a CPU with AMX:
+    # bfloat16): the resume must keep the checkpoint's precision, not resolve `auto` again here.
+    state["precision"] = "float32" if first["precision"] != "float32" else "mixed_bfloat16"
+    state_file.write_text(json.dumps(state))
     resumed = run_train(spark, cfg_for(small, "train.epochs=3"), resume=first["run_id"])
     assert resumed["run_id"] == first["run_id"]
     assert resumed["epochs_run"] == 3
+    assert resumed["precision"] == state["precision"]
     steps = sorted(m.step for m in mlflow.MlflowClient().get_metric_history(first["run_id"], "loss"))
     assert steps == [0, 1, 2]
     run = mlflow.get_run(first["run_id"])
