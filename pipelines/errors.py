@@ -6,6 +6,11 @@ class PipelineError(RuntimeError):
 
 
 def first_line(exc: BaseException) -> str:
-    """An exception's message cut to its first line, for one-line errors; empty when it has no message."""
+    """An exception's message cut to its first line, for one-line errors; empty when it has no message.
+
+    A Java error seen through py4j starts "An error occurred while calling o123.method." and says what happened on
+    the next line ("org.apache.spark.SparkException: Job aborted due to stage failure: ..."): that line is kept."""
     lines = str(exc).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("An error occurred while calling ") and lines[1].startswith(": "):
+        return lines[1][2:]
     return lines[0] if lines else ""

@@ -32,6 +32,8 @@ def spark_conf(cfg: Config) -> dict[str, str]:
     }
     if cfg.spark.master.startswith("local"):
         conf["spark.driver.host"] = "127.0.0.1"
+        if os.environ.get("SPARKVISION_VERBOSE", "0") != "1":  # executors share the terminal: no stop tracebacks
+            conf["spark.python.daemon.module"] = "pipelines.executor_daemon"
     for key, value in EXECUTOR_ENV.items():
         conf[f"spark.executorEnv.{key}"] = value
     conf["spark.executorEnv.SPARKVISION_VERBOSE"] = os.environ.get("SPARKVISION_VERBOSE", "0")

@@ -28,3 +28,47 @@ def test_a_session_started_from_python_prints_nothing(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "5"
     assert res.stderr.strip() == "", res.stderr[-2000:]
+
+
+def test_local_executors_run_the_daemon_that_drops_horovods_closed_pipe_error_only(spark):
+    from horovod.runner.util.streams import Pipe
+
+    from pipelines.executor_daemon import is_closed_pipe
+
+    def daemon_and_hook(_):
+        import sys as s
+        import threading
+
+        return [(s.modules["__main__"].__spec__.name, threading.excepthook.__name__)]
+
+    assert set(spark.sparkContext.parallelize(range(2), 2).mapPartitions(daemon_and_hook).collect()) == {
+        ("pipelines.executor_daemon", "_thread_error")}
+    pipe = Pipe()
+    pipe.close()
+    try:  # what Horovod's output-forwarding thread hits when a stopped run's task service closes the pipe
+        pipe.write("last line\n")
+    except RuntimeError as exc:
+        assert is_closed_pipe(RuntimeError, exc, exc.__traceback__)
+    try:
+        raise RuntimeError("Pipe is closed")  # the same words from anywhere else are still printed
+    except RuntimeError as exc:
+        assert not is_closed_pipe(RuntimeError, exc, exc.__traceback__)
+
+
+def test_a_crashed_python_worker_is_still_reported_and_named_in_the_error(tmp_path):
+    """The log4j filter hides the executor's after-stop lines only; a worker that dies while Spark runs is shown."""
+    import subprocess
+    import sys
+
+    code = ("import os; from pipelines.config import load_config; from pipelines.spark import get_spark; "
+            "from pipelines.errors import first_line\n"
+            f"s = get_spark(load_config([], ['spark.master=local[1]', 'paths.datasets_root={tmp_path}/d']))\n"
+            "def die(rows):\n    os.kill(os.getpid(), 9)\n    yield 1\n"
+            "try:\n    s.sparkContext.parallelize(range(2), 1).mapPartitions(die).collect()\n"
+            "except Exception as exc:\n    print(first_line(exc))\n"
+            "s.stop()")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_GATEWAY_PORT", "SPARKVISION_VERBOSE")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Job aborted due to stage failure" in res.stdout and "Python worker exited unexpectedly" in res.stdout
+    assert "ERROR Executor: Exception in task 0.0 in stage 0.0 (TID 0)\n" in res.stderr

@@ -231,6 +231,8 @@ def test_sigterm_stops_the_workers_and_ends_the_run_killed_ready_to_resume(small
         os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + err
+    # quiet: no Horovod task-service traceback, no Spark executor lines about the tasks the stop ended
+    assert "Traceback" not in err and "ERROR" not in err, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("stopped by SIGTERM: the workers were stopped after ") and "--resume " in last
     run_id = last.rsplit(" ", 1)[-1]

@@ -1,0 +1,37 @@
+"""PySpark's Python daemon for local executors, without Horovod's traceback on a stopped training run.
+
+When a run is stopped (Ctrl-C, SIGTERM), Horovod's task service, which runs inside the executor's Python worker,
+closes the output pipe of the training process it aborts while a thread is still forwarding that process's last
+lines. The thread dies with "RuntimeError: Pipe is closed" (horovod/runner/util/streams.py) and Python prints its
+traceback; in local mode the executors share the user's terminal, so each stop printed two tracebacks. Spark starts
+this module instead of `pyspark.daemon` (`spark.python.daemon.module`, set for local masters without --verbose); it
+drops that one exception and prints every other thread error as before.
+"""
+from __future__ import annotations
+
+import threading
+import traceback
+from typing import Any
+
+_print_thread_error = threading.excepthook
+
+
+def is_closed_pipe(exc_type: type, exc: BaseException | None, tb: Any) -> bool:
+    """True for Horovod's "Pipe is closed" raised in its output-forwarding stream (a stop, not a failure)."""
+    if exc_type is not RuntimeError or str(exc) != "Pipe is closed" or tb is None:
+        return False
+    last = traceback.extract_tb(tb)[-1]
+    return last.filename.replace("\\", "/").endswith("horovod/runner/util/streams.py")
+
+
+def _thread_error(args: threading.ExceptHookArgs) -> None:
+    if not is_closed_pipe(args.exc_type, args.exc_value, args.exc_traceback):
+        _print_thread_error(args)
+
+
+threading.excepthook = _thread_error  # inherited by the workers the daemon forks
+
+if __name__ == "__main__":
+    from pyspark.daemon import manager
+
+    manager()
