@@ -16,6 +16,11 @@ from pipelines.config import Config, resolve_path
 EXECUTOR_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
 
 
+# Spark's logging, errors only, for a JVM this process starts; spark-submit starts its JVM before the job's code runs,
+# so it takes the same option as `--driver-java-options` (the workflow runner passes it).
+QUIET_LOG4J_OPTION = f"-Dlog4j.configurationFile={Path(__file__).with_name('log4j2.properties').as_uri()}"
+
+
 def spark_conf(cfg: Config) -> dict[str, str]:
     """Spark settings derived from config: memory, Arrow, petastorm's cache, executor environment."""
     conf = {
@@ -65,9 +70,8 @@ def get_spark(cfg: Config) -> SparkSession:
         builder = builder.master(cfg.spark.master)
     for key, value in spark_conf(cfg).items():
         builder = builder.config(key, value)
-    quiet_log4j = Path(__file__).with_name("log4j2.properties")
     if os.environ.get("SPARKVISION_VERBOSE", "0") != "1":
-        builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j.configurationFile={quiet_log4j.as_uri()}")
+        builder = builder.config("spark.driver.extraJavaOptions", QUIET_LOG4J_OPTION)
     spark = builder.getOrCreate()
     # petastorm reads its cache location from the session conf (not a Spark key: set after start).
     cache_dir = resolve_path(cfg.paths.datasets_root).parent / "petastorm-cache"

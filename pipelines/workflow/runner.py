@@ -18,6 +18,7 @@ from typing import Any
 
 from pipelines.config import Config, resolve_path
 from pipelines.console import say
+from pipelines.spark import QUIET_LOG4J_OPTION
 from pipelines.workflow.definition import Task, Workflow, substitute
 
 SUCCESS, FAILED, TIMED_OUT, UPSTREAM_FAILED, CANCELLED, REUSED = (
@@ -111,7 +112,8 @@ class WorkflowRunner:
             extra.append("--verbose")
         if task.python_file is not None:
             sc = self.cfg.spark
-            return [self._spark_submit(), "--master", sc.master, "--driver-memory", sc.driver_memory,
+            quiet = [] if self.verbose else ["--driver-java-options", QUIET_LOG4J_OPTION]  # no INFO in task logs
+            return [self._spark_submit(), "--master", sc.master, "--driver-memory", sc.driver_memory, *quiet,
                     "--conf", f"spark.pyspark.python={sys.executable}", str(task.python_file), *params, *extra]
         return [sys.executable, "-m", "pipelines.cli", *params, *extra]
 

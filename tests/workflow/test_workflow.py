@@ -115,6 +115,21 @@ def test_runner_retries_hands_values_downstream_and_records_the_run(tmp_path, cf
 
 
 @pytest.mark.slow
+def test_a_spark_task_log_holds_the_tasks_output_not_sparks_startup_info(tmp_path, cfg_factory):
+    (tmp_path / "spark_task.py").write_text(
+        "import json\nfrom pyspark.sql import SparkSession\n"
+        "spark = SparkSession.builder.getOrCreate()\n"
+        "print(json.dumps({'rows': spark.range(3).count()}))\nspark.stop()\n")
+    f = tmp_path / "wf.yaml"
+    f.write_text(yaml.safe_dump({"resources": {"jobs": {"one": {"name": "one", "tasks": [
+        {"task_key": "count", "spark_python_task": {"python_file": "spark_task.py"}}]}}}}))
+    record = WorkflowRunner(cfg_factory("spark.master=local[1]"), load_workflow(f), [], []).run()
+    assert record.status == "SUCCESS" and record.tasks["count"]["values"] == {"rows": 3}
+    log = Path(record.tasks["count"]["log"]).read_text()
+    assert " INFO " not in log and " WARN " not in log, log[:3000]  # spark-submit's default log4j: ~40 lines
+
+
+@pytest.mark.slow
 def test_failure_stops_dependents_and_repair_reruns_from_the_failed_task(tmp_path, cfg_factory):
     f = toy_workflow(tmp_path, [
         task("a", ["a"]), task("b", ["broken"], ["a"]), task("c", ["c"], ["b"]), task("d", ["d"], ["a"]),
