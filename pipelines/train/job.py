@@ -2,6 +2,7 @@
 horovod.spark.run, checks they finished in sync, then logs and registers the model."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -151,6 +152,32 @@ def _check_task_slots(spark: SparkSession, workers: int) -> None:
                           f"or spark.master to local[{workers * per_task}]")
 
 
+@contextmanager
+def driver_lock(ckpt_dir: Path, run_id: str) -> Iterator[None]:
+    """Held by the driver training `run_id` while it trains, so a second driver (a `--resume` of a run that is still
+    training) is refused instead of writing the same checkpoints. The OS drops the lock when the driver dies, so a
+    run whose driver was killed (out of memory, SIGKILL) still resumes. No guard where the file system has no locks."""
+    import fcntl
+    import socket
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    with open(ckpt_dir / "driver.lock", "a+") as fh:  # not inherited by the processes the driver starts
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise PipelineError(f"run {run_id} is being trained now by {holder}: let it finish or stop it, then "
+                                f"resume") from None
+        except OSError:  # a file system without locks
+            pass
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        yield
+
+
 _START_TIMEOUT = "Timed out waiting for Spark tasks to start"
 
 
@@ -238,7 +265,8 @@ def _log_model(cfg: Config, model_path: str, manifest: Manifest) -> tuple[str, s
     signature = infer_signature(example, model.predict(example, verbose=0))
     with hush():
         info = mlflow.tensorflow.log_model(model, name="model", signature=signature, input_example=example,
-                                           metadata={"label_names": manifest.label_names, "shape": list(manifest.shape)})
+                                           metadata={"label_names": manifest.label_names,
+                                                     "shape": list(manifest.shape)})
         version = mlflow.register_model(info.model_uri, cfg.mlflow.registered_model,
                                         tags={"run_id": mlflow.active_run().info.run_id})
     return f"runs:/{mlflow.active_run().info.run_id}/model", str(version.version)
@@ -299,65 +327,71 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
     tracking.configure(cfg)
     state, changed = _resume_state(cfg, ds, resume) if resume else (None, [])
     tags = {"num_workers": str(t.num_proc), "spark_master": spark.sparkContext.master, "dataset": ds.ref}
-    with tracking.run(cfg, "train", run_id=resume, tags=tags) as active:
-        import mlflow
+    with contextlib.ExitStack() as held:
+        if resume:  # before the run is reopened: a run another driver is training now is refused as it is
+            held.enter_context(driver_lock(resolve_path(cfg.paths.checkpoints_root) / resume, resume))
+        with tracking.run(cfg, "train", run_id=resume, tags=tags) as active:
+            import mlflow
 
-        run_id = active.info.run_id
-        ckpt_dir = resolve_path(cfg.paths.checkpoints_root) / run_id
-        start_epoch = state["epoch"] if state else 0
-        if not resume:
-            tracking.log_config(cfg, ("train", "spark"))
-            mlflow.log_params({"dataset": ds.ref, "global_batch_size": t.batch_size * t.num_proc,
-                               "steps_per_epoch": steps_per_epoch(manifest.count("train"), t.batch_size, t.num_proc)})
-            _log_dataset(ds, manifest)
-        else:  # params are the run's first settings and cannot change: record what this resume changed
-            mlflow.set_tag(f"resumed_at_epoch_{start_epoch + 1}",
-                           ", ".join(f"{k}: {old} -> {new}" for k, old, new in changed) or "no changes")
-            mlflow.log_dict(cfg.to_dict(), f"config_resumed_at_epoch_{start_epoch + 1}.yaml")
-        spec = worker_spec(cfg, ds, manifest, run_id, start_epoch, state["history"] if state else [],
-                           (state or {}).get("precision"))
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        out = WorkerOutput(ckpt_dir / "workers.log")
-        printer = EpochPrinter(ckpt_dir / PROGRESS_FILE, t.epochs)
-        say("train", f"{'resuming' if resume else 'starting'} run {run_id}: {t.model} on {ds.ref}, "
-                     f"{t.num_proc} Horovod worker(s), epochs {start_epoch + 1}..{t.epochs}, "
-                     f"batch {t.batch_size}/worker, {t.optimizer} lr {t.learning_rate:g}")
-        env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONWARNINGS": "ignore",
-               "TF_CPP_MIN_LOG_LEVEL": "0" if is_verbose() else "3", "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg)}
-        if t.horovod_cycle_time_ms is not None:
-            env["HOROVOD_CYCLE_TIME"] = f"{t.horovod_cycle_time_ms:g}"  # Horovod reads it in milliseconds
-        spark.sparkContext.setJobDescription("sparkvision train (horovod)")
-        printer.start()
-        try:
-            with spark_thread_errors_to(out), SignalWatch() as signals:
-                try:
-                    results = horovod.spark.run(worker_fn, args=(spec,), num_proc=t.num_proc, env=env, stdout=out,
-                                                stderr=out, verbose=2 if is_verbose() else 0,
-                                                start_timeout=t.timeout_s, use_gloo=True)
-                except Exception as exc:
-                    if not signals.received():
-                        out.flush()
-                        raise PipelineError(launch_failure(exc, out, t.num_proc, t.timeout_s)) from exc
-                signum = signals.received()
-                if signum:  # Horovod's own handlers stopped the workers; stop here too
-                    done = (read_state(ckpt_dir) or {}).get("epoch", 0)
-                    raise Stopped(signum, f"the workers were stopped after {done} completed epoch(s); continue "
-                                          f"with --resume {run_id}" if done else
-                                  "the workers were stopped before the first epoch completed")
-        finally:
-            printer.stop()
-            out.flush()
-        digests = {r["weights_digest"] for r in results}
-        steps = {r["steps"] for r in results}
-        if len(digests) != 1 or len(steps) != 1:
-            raise PipelineError(f"workers finished out of sync: weight digests {digests}, steps {steps}")
-        chief = results[0]
-        history = chief["history"]
-        mlflow.set_tags({"weights_in_sync": "true", "precision": chief["precision"]})
-        final = history[-1]
-        mlflow.log_metrics({f"final_{k}": v for k, v in final.items() if k != "epoch"})
-        _learning_curve(history)
-        model_uri, version = _log_model(cfg, chief["model_path"], manifest)
+            run_id = active.info.run_id
+            ckpt_dir = resolve_path(cfg.paths.checkpoints_root) / run_id
+            start_epoch = state["epoch"] if state else 0
+            if not resume:
+                held.enter_context(driver_lock(ckpt_dir, run_id))
+                tracking.log_config(cfg, ("train", "spark"))
+                epoch_steps = steps_per_epoch(manifest.count("train"), t.batch_size, t.num_proc)
+                mlflow.log_params({"dataset": ds.ref, "global_batch_size": t.batch_size * t.num_proc,
+                                   "steps_per_epoch": epoch_steps})
+                _log_dataset(ds, manifest)
+            else:  # params are the run's first settings and cannot change: record what this resume changed
+                mlflow.set_tag(f"resumed_at_epoch_{start_epoch + 1}",
+                               ", ".join(f"{k}: {old} -> {new}" for k, old, new in changed) or "no changes")
+                mlflow.log_dict(cfg.to_dict(), f"config_resumed_at_epoch_{start_epoch + 1}.yaml")
+            spec = worker_spec(cfg, ds, manifest, run_id, start_epoch, state["history"] if state else [],
+                               (state or {}).get("precision"))
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            out = WorkerOutput(ckpt_dir / "workers.log")
+            printer = EpochPrinter(ckpt_dir / PROGRESS_FILE, t.epochs)
+            say("train", f"{'resuming' if resume else 'starting'} run {run_id}: {t.model} on {ds.ref}, "
+                         f"{t.num_proc} Horovod worker(s), epochs {start_epoch + 1}..{t.epochs}, "
+                         f"batch {t.batch_size}/worker, {t.optimizer} lr {t.learning_rate:g}")
+            env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONWARNINGS": "ignore",
+                   "TF_CPP_MIN_LOG_LEVEL": "0" if is_verbose() else "3",
+                   "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg)}
+            if t.horovod_cycle_time_ms is not None:
+                env["HOROVOD_CYCLE_TIME"] = f"{t.horovod_cycle_time_ms:g}"  # Horovod reads it in milliseconds
+            spark.sparkContext.setJobDescription("sparkvision train (horovod)")
+            printer.start()
+            try:
+                with spark_thread_errors_to(out), SignalWatch() as signals:
+                    try:
+                        results = horovod.spark.run(worker_fn, args=(spec,), num_proc=t.num_proc, env=env, stdout=out,
+                                                    stderr=out, verbose=2 if is_verbose() else 0,
+                                                    start_timeout=t.timeout_s, use_gloo=True)
+                    except Exception as exc:
+                        if not signals.received():
+                            out.flush()
+                            raise PipelineError(launch_failure(exc, out, t.num_proc, t.timeout_s)) from exc
+                    signum = signals.received()
+                    if signum:  # Horovod's own handlers stopped the workers; stop here too
+                        done = (read_state(ckpt_dir) or {}).get("epoch", 0)
+                        raise Stopped(signum, f"the workers were stopped after {done} completed epoch(s); continue "
+                                              f"with --resume {run_id}" if done else
+                                      "the workers were stopped before the first epoch completed")
+            finally:
+                printer.stop()
+                out.flush()
+            digests = {r["weights_digest"] for r in results}
+            steps = {r["steps"] for r in results}
+            if len(digests) != 1 or len(steps) != 1:
+                raise PipelineError(f"workers finished out of sync: weight digests {digests}, steps {steps}")
+            chief = results[0]
+            history = chief["history"]
+            mlflow.set_tags({"weights_in_sync": "true", "precision": chief["precision"]})
+            final = history[-1]
+            mlflow.log_metrics({f"final_{k}": v for k, v in final.items() if k != "epoch"})
+            _learning_curve(history)
+            model_uri, version = _log_model(cfg, chief["model_path"], manifest)
     took = time.perf_counter() - started
     val = f", val_accuracy {final['val_accuracy']:.4f}" if "val_accuracy" in final else ""
     say("train", f"run {run_id} finished in {took:.0f}s ({chief['precision']}){val}; "

@@ -14,7 +14,7 @@ from pipelines.config import ConfigError, resolve_path
 from pipelines.errors import PipelineError
 from pipelines.ingest.job import run_ingest
 from pipelines.train.job import WorkerOutput, run_train, worker_exception
-from pipelines.train.worker import steps_per_epoch, train_worker
+from pipelines.train.worker import read_state, steps_per_epoch, train_worker
 from tests.fixtures import write_idx_slice
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -209,22 +209,32 @@ def test_a_busy_cluster_that_never_frees_the_slots_is_named_as_such(spark, small
     assert runs.iloc[0]["status"] == "FAILED"
 
 
-@pytest.mark.parametrize("to", ["driver", "process_group"])  # `kill PID`; a workflow task timeout, Ctrl-C
-def test_sigterm_stops_the_workers_and_ends_the_run_killed_ready_to_resume(small, to):
-    import signal
+def train_in_a_subprocess(small, epochs: int):
+    """`sparkvision train` in its own process group, as a user starts it; returns once epoch 1 is printed."""
     import subprocess
 
     root, overrides, _ = small
     paths = [f"paths.datasets_root={root}/datasets", f"paths.checkpoints_root={root}/checkpoints",
              f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db", f"mlflow.artifact_location={root}/mlartifacts",
-             "train.model=mnist_cnn", *overrides, "train.epochs=50"]
+             "train.model=mnist_cnn", *overrides, f"train.epochs={epochs}"]
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", *(x for o in paths for x in ("--set", o))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines = []
     for line in proc.stderr:  # wait for the first epoch line: the workers are training
         lines.append(line)
-        if line.startswith("[train] epoch 1/50"):
+        if line.startswith(f"[train] epoch 1/{epochs}"):
             break
+    assert lines and lines[-1].startswith("[train] epoch 1/"), "".join(lines)
+    return proc, lines
+
+
+@pytest.mark.parametrize("to", ["driver", "process_group"])  # `kill PID`; a workflow task timeout, Ctrl-C
+def test_sigterm_stops_the_workers_and_ends_the_run_killed_ready_to_resume(small, to):
+    import signal
+    import subprocess
+
+    root, _, _ = small
+    proc, lines = train_in_a_subprocess(small, 50)
     if to == "driver":
         proc.send_signal(signal.SIGTERM)
     else:  # Spark's JVM and the workers get it too
@@ -271,3 +281,21 @@ def test_batch_norm_statistics_stay_identical_across_workers(spark, small):
     """BatchNorm moving statistics are not gradients: without averaging, the ranks' weights drift apart."""
     out = run_train(spark, cfg_for(small, "train.model=small_resnet", "train.width=0.25", "train.epochs=1"))
     assert out["weights_in_sync"] and out["workers"] == 2
+
+
+def test_a_run_still_training_cannot_be_resumed_but_one_whose_driver_was_killed_can(spark, small):
+    import signal
+
+    proc, lines = train_in_a_subprocess(small, 50)
+    run_id = lines[0].split("run ", 1)[1].split(":", 1)[0]
+    try:
+        with pytest.raises(PipelineError, match=rf"run {run_id} is being trained now by pid {proc.pid} on "):
+            run_train(spark, cfg_for(small, "train.model=mnist_cnn", "train.epochs=50"), resume=run_id)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # as the kernel's OOM killer would: no handler runs, the run stays RUNNING
+        proc.communicate(timeout=60)
+    assert mlflow.get_run(run_id).info.status == "RUNNING"
+    done = read_state(resolve_path(cfg_for(small).paths.checkpoints_root) / run_id)["epoch"]
+    resumed = run_train(spark, cfg_for(small, "train.model=mnist_cnn", f"train.epochs={done + 1}"), resume=run_id)
+    assert resumed["run_id"] == run_id and resumed["epochs_run"] == done + 1
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
