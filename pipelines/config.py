@@ -107,6 +107,7 @@ class TrainConfig:
     schedule: Literal["constant", "plateau", "cosine"]
     warmup_epochs: int
     early_stopping_patience: int
+    restore_best_weights: bool
     class_weights: bool
     augment: bool
     shuffle_buffer: int

@@ -205,7 +205,7 @@ def worker_spec(cfg: Config, ds: DatasetVersion, manifest: Manifest, run_id: str
         model_options={"activation": t.activation, "dropout": t.dropout, "l2": t.l2, "width": t.width},
         optimizer=t.optimizer, learning_rate=t.learning_rate, scale_lr=t.scale_lr, momentum=t.momentum,
         schedule=t.schedule, warmup_epochs=t.warmup_epochs, epochs=t.epochs, batch_size=t.batch_size,
-        early_stopping_patience=t.early_stopping_patience,
+        early_stopping_patience=t.early_stopping_patience, restore_best_weights=t.restore_best_weights,
         class_weights=tuple(weights[i] for i in range(manifest.num_classes)) if t.class_weights else (),
         augment=t.augment, shuffle_buffer=t.shuffle_buffer, cache_mb=t.cache_mb, reader_threads=t.reader_threads,
         seed=t.seed, bind_cores=t.bind_cores,
@@ -388,17 +388,21 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
             chief = results[0]
             history = chief["history"]
             mlflow.set_tags({"weights_in_sync": "true", "precision": chief["precision"]})
-            final = history[-1]
+            # the registered weights' epoch: the last, or with train.restore_best_weights the lowest val_loss
+            final = next(h for h in history if h["epoch"] == chief["registered_epoch"])
+            mlflow.set_tag("registered_epoch", str(final["epoch"] + 1))
             mlflow.log_metrics({f"final_{k}": v for k, v in final.items() if k != "epoch"})
             _learning_curve(history)
             model_uri, version = _log_model(cfg, chief["model_path"], manifest)
     took = time.perf_counter() - started
     val = f", val_accuracy {final['val_accuracy']:.4f}" if "val_accuracy" in final else ""
+    if final is not history[-1]:
+        val += f" (weights of epoch {final['epoch'] + 1}, the lowest val_loss)"
     say("train", f"run {run_id} finished in {took:.0f}s ({chief['precision']}){val}; "
                  f"registered {cfg.mlflow.registered_model} version {version}; UI: {tracking.ui_command(cfg)}")
     return {"stage": "train", "run_id": run_id, "model_uri": model_uri, "registered_model": cfg.mlflow.registered_model,
             "version": version, "dataset": ds.ref, "epochs_run": len(history), "workers": len(results),
             "steps_per_worker": chief["steps"], "weights_in_sync": True, "precision": chief["precision"],
             "weights_digest": chief["weights_digest"],
-            "worker_cores": [r["cores"] for r in results], "metrics": {k: v for k, v in final.items() if k != "epoch"},
-            "seconds": round(took, 1)}
+            "worker_cores": [r["cores"] for r in results], "registered_epoch": final["epoch"] + 1,
+            "metrics": {k: v for k, v in final.items() if k != "epoch"}, "seconds": round(took, 1)}

@@ -38,6 +38,7 @@ class WorkerSpec:
     epochs: int
     batch_size: int
     early_stopping_patience: int
+    restore_best_weights: bool
     class_weights: tuple[float, ...]
     augment: bool
     shuffle_buffer: int
@@ -178,6 +179,44 @@ def _setup_devices(tf, hvd, mixed_precision: str, bind_cores: bool) -> tuple[str
     return policy, per_worker
 
 
+@dataclass
+class BestEpoch:
+    """The epoch with the lowest val_loss so far, and how many epochs have passed without an improvement."""
+    epoch: int | None = None
+    val_loss: float = math.inf
+    stale: int = 0
+
+    def observe(self, epoch: int, val_loss: float) -> bool:
+        """Record an epoch's val_loss; True when it improves on the best by more than 1e-4."""
+        if val_loss < self.val_loss - 1e-4:
+            self.epoch, self.val_loss, self.stale = epoch, val_loss, 0
+            return True
+        self.stale += 1
+        return False
+
+
+def best_weights_file(directory: Path, epoch: int) -> Path:
+    """Where rank 0 keeps the weights of the best epoch (0-based `epoch`), named by epoch so that the file always
+    matches the history that names it, whenever a run was stopped."""
+    return directory / f"best_weights_epoch{epoch + 1:04d}.h5"
+
+
+def _save_best_weights(model, directory: Path, epoch: int) -> None:
+    """The best epoch's weights, written atomically."""
+    path = best_weights_file(directory, epoch)
+    tmp = path.with_name(f"tmp_{path.name}")
+    model.save_weights(str(tmp))
+    os.replace(tmp, path)
+
+
+def _drop_older_best_weights(directory: Path, best_epoch: int | None) -> None:
+    """Remove best-weights files of epochs that are no longer the best (after the checkpoint that says so)."""
+    keep = best_weights_file(directory, best_epoch).name if best_epoch is not None else None
+    for f in directory.glob("best_weights_epoch*.h5"):
+        if f.name != keep:
+            f.unlink(missing_ok=True)
+
+
 def _save_checkpoint(ckpt, directory: Path, state: dict[str, Any]) -> None:
     """Model + optimizer state, then the JSON that marks the epoch complete (written last, atomically)."""
     ckpt.write(str(directory / "ckpt"))
@@ -256,11 +295,11 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
 
     steps = steps_per_epoch(spec.train_rows, spec.batch_size, size)
     lr = LearningRate(spec.learning_rate, peak, spec.schedule, spec.epochs, spec.warmup_epochs, steps)
-    best_val, stale = math.inf, 0
-    for past in history:  # replay schedule state on resume
+    best = BestEpoch()
+    for past in history:  # replay schedule and early-stopping state on resume
         if "val_loss" in past:
             lr.observe(past["val_loss"])
-            best_val, stale = (past["val_loss"], 0) if past["val_loss"] < best_val - 1e-4 else (best_val, stale + 1)
+            best.observe(past["epoch"], past["val_loss"])
 
     @tf.function
     def train_step(x, y, w):
@@ -334,23 +373,22 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
                 lr.observe(metrics["val_loss"])
             history.append(metrics)
             epochs_run += 1
+            improved = "val_loss" in metrics and best.observe(epoch, metrics["val_loss"])
             if rank == 0:  # Horovod: only rank 0 writes checkpoints and logs
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
+                if improved:
+                    _save_best_weights(model, ckpt_dir, epoch)
                 _save_checkpoint(ckpt, ckpt_dir, {"epoch": epoch + 1, "history": history,
                                                         "precision": policy})
+                _drop_older_best_weights(ckpt_dir, best.epoch)
                 _log_epoch(spec, metrics)
                 # Horovod forwards worker stdout to the driver in 64 KiB chunks, so progress goes through a
                 # file on the (shared) checkpoint path that the driver tails.
                 with open(ckpt_dir / PROGRESS_FILE, "a") as fh:
                     fh.write(json.dumps(metrics) + "\n")
-            if spec.early_stopping_patience and "val_loss" in metrics:
-                # identical on every worker (allreduced val_loss), so all stop together
-                if metrics["val_loss"] < best_val - 1e-4:
-                    best_val, stale = metrics["val_loss"], 0
-                else:
-                    stale += 1
-                    if stale >= spec.early_stopping_patience:
-                        break
+            # identical on every worker (allreduced val_loss), so all stop together
+            if spec.early_stopping_patience and best.stale >= spec.early_stopping_patience:
+                break
 
     digest = weights_digest(model)
     result = {"rank": rank, "size": size, "steps": steps_run, "epochs_run": epochs_run,
@@ -365,8 +403,13 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
             keras.mixed_precision.set_global_policy("float32")
             served = new_model()
             served.set_weights(model.get_weights())
+        registered_epoch = history[-1]["epoch"] if history else None
+        if (spec.restore_best_weights and best.epoch is not None and best.epoch != registered_epoch
+                and best_weights_file(ckpt_dir, best.epoch).exists()):  # absent: epochs trained by an older release
+            served.load_weights(str(best_weights_file(ckpt_dir, best.epoch)))  # float32 whatever trained them
+            registered_epoch = best.epoch
         served.save(str(model_path))
-        result.update({"model_path": str(model_path), "history": history})
+        result.update({"model_path": str(model_path), "history": history, "registered_epoch": registered_epoch})
     # Horovod: nobody leaves before everybody is done (rank 0 may still be saving). A scalar allreduce on the CPU, not
     # hvd.join(): a Horovod built with NCCL registers HorovodJoin for GPUs only, so join fails on CPU workers there.
     with tf.device("/cpu:0"):
@@ -388,6 +431,6 @@ def _log_epoch(spec: WorkerSpec, metrics: dict[str, float]) -> None:
         print(f"mlflow logging failed: {exc}", file=sys.stderr)
 
 
-__all__ = ["WorkerSpec", "train_worker", "check_shared_paths", "steps_per_epoch", "precision_policy", "policy_setting", "cpu_flags",
-           "cache_shard", "reader_threads", "cores_per_worker", "core_group", "bind_to_cores", "read_state",
-           "PROGRESS_FILE"]
+__all__ = ["WorkerSpec", "train_worker", "check_shared_paths", "steps_per_epoch", "precision_policy", "policy_setting",
+           "cpu_flags", "cache_shard", "reader_threads", "cores_per_worker", "core_group", "bind_to_cores", "read_state",
+           "BestEpoch", "best_weights_file", "PROGRESS_FILE"]

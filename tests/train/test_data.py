@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.train.data import FeedOptions, open_batch_reader, split_dataset
-from pipelines.train.worker import (cache_shard, core_group, cores_per_worker, policy_setting, precision_policy,
-                                    reader_threads)
+from pipelines.train.worker import (BestEpoch, cache_shard, core_group, cores_per_worker, policy_setting,
+                                    precision_policy, reader_threads)
 
 SHAPE = (4, 4, 1)
 
@@ -146,3 +146,12 @@ def test_a_damaged_parquet_file_is_named_instead_of_petastorms_missing_metadata(
         open_batch_reader(damaged.as_uri(), columns=["image"])
     with open_batch_reader(split_url, columns=["image"]) as reader:  # the intact split still opens and reads
         assert sum(len(batch.image) for batch in reader) == 200
+
+
+def test_best_epoch_counts_epochs_without_a_real_improvement():
+    best = BestEpoch()
+    assert best.observe(0, 1.0) and best.epoch == 0 and best.stale == 0
+    assert not best.observe(1, 0.99995)  # within 1e-4: not an improvement
+    assert best.stale == 1 and best.epoch == 0
+    assert best.observe(2, 0.5) and (best.epoch, best.stale) == (2, 0)
+    assert not best.observe(3, 0.7) and best.stale == 1

@@ -299,3 +299,30 @@ def test_a_run_still_training_cannot_be_resumed_but_one_whose_driver_was_killed_
     resumed = run_train(spark, cfg_for(small, "train.model=mnist_cnn", f"train.epochs={done + 1}"), resume=run_id)
     assert resumed["run_id"] == run_id and resumed["epochs_run"] == done + 1
     assert mlflow.get_run(run_id).info.status == "FINISHED"
+
+
+def test_early_stopping_registers_the_best_epochs_weights(spark, small):
+    """Patience 1 stops at the first epoch whose val_loss does not improve, so the last epoch is never the best; with
+    restore_best_weights the registered model is the best epoch's, and scores what that epoch scored."""
+    import pyarrow.parquet as pq
+
+    _, _, ingested = small
+    out = run_train(spark, cfg_for(small, "train.epochs=12", "train.learning_rate=0.01", "train.dropout=0",
+                                   "train.early_stopping_patience=1", "train.restore_best_weights=true",
+                                   "train.mixed_precision=off"))  # float32 in training, as in the registered model
+    client = mlflow.MlflowClient()
+    history = sorted(client.get_metric_history(out["run_id"], "val_loss"), key=lambda m: m.step)
+    best = min(history, key=lambda m: m.value).step
+    assert out["epochs_run"] == best + 2 < 12, [m.value for m in history]  # stopped one epoch after the best
+    assert out["registered_epoch"] == best + 1
+    run = client.get_run(out["run_id"])
+    assert run.data.tags["registered_epoch"] == str(best + 1)
+    val_acc = {m.step: m.value for m in client.get_metric_history(out["run_id"], "val_accuracy")}
+    assert run.data.metrics["final_val_accuracy"] == pytest.approx(val_acc[best])
+    # the registered model, scored here on the validation split, reproduces the best epoch's val_accuracy
+    table = pq.read_table(f"{ingested['path']}/validation", columns=["image", "label"])
+    images = np.stack([np.frombuffer(b, np.uint8) for b in table.column("image").to_pylist()]).reshape(-1, 28, 28, 1)
+    model = mlflow.pyfunc.load_model(out["model_uri"])
+    predicted = np.asarray(model.predict(images)).argmax(axis=1)
+    accuracy = float((predicted == np.asarray(table.column("label").to_pylist())).mean())
+    assert accuracy == pytest.approx(val_acc[best], abs=1.5 / len(images))
