@@ -287,9 +287,14 @@ def _resume_state(cfg: Config, ds: DatasetVersion, run_id: str) -> tuple[dict[st
     import mlflow
 
     try:
-        recorded = mlflow.get_run(run_id).data.params
+        previous = mlflow.get_run(run_id)
     except Exception:
         raise PipelineError(f"--resume {run_id}: no such MLflow run in {tracking.tracking_uri(cfg)}") from None
+    stage = previous.data.tags.get("sparkvision.stage")
+    if stage != "train":
+        what = f"the {stage} stage's" if stage else "not a sparkvision"
+        raise PipelineError(f"--resume {run_id}: not a training run ({what} run)")
+    recorded = previous.data.params
     now = {**tracking.config_params(cfg, ("train",)), "dataset": ds.ref}
     changed = [(k, recorded[k], now[k]) for k in sorted(now) if k in recorded and recorded[k] != now[k]]
     recipe = [(k, was, new) for k, was, new in changed if k in RECIPE_KEYS]

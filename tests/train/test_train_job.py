@@ -258,6 +258,12 @@ def test_sigterm_stops_the_workers_and_ends_the_run_killed_ready_to_resume(small
 def test_resume_of_unknown_run_is_a_clear_error(spark, small):
     with pytest.raises(PipelineError, match="no such MLflow run"):
         run_train(spark, cfg_for(small), resume="0123456789abcdef")
+    mlflow.set_tracking_uri(f"sqlite:///{small[0]}/mlflow.db")
+    with mlflow.start_run() as other:
+        mlflow.set_tag("sparkvision.stage", "evaluate")
+    with pytest.raises(PipelineError, match=rf"--resume {other.info.run_id}: not a training run \(the evaluate "
+                                            r"stage's run\)"):
+        run_train(spark, cfg_for(small), resume=other.info.run_id)
 
 
 @pytest.mark.parametrize("precision", ["float16", "bfloat16"])
