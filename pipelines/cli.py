@@ -79,11 +79,12 @@ def _run_job(name: str, cfg: Config, args: argparse.Namespace) -> int:
         print(f"sparkvision {name}: not built yet", file=sys.stderr)
         return 3
     job = _load(target)
-    from pipelines.spark import get_spark
+    from pipelines.spark import get_spark, wind_down_on_stop
 
     spark = get_spark(cfg)
     options = {"resume": args.resume} if name == "train" else {}
-    result = job(spark, cfg, **options)
+    with wind_down_on_stop(spark):
+        result = job(spark, cfg, **options)
     emit_result(result)
     return 0
 

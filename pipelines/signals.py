@@ -31,6 +31,26 @@ class Stopped(BaseException):
 
 
 _requested: list[int] = []  # the stop signals this process has received
+_on_stop: dict[str, Callable[[], None]] = {}  # what to start when a stop signal arrives, by name
+
+
+def on_stop(name: str, action: Callable[[], None]) -> None:
+    """Run `action` in its own thread when a stop signal arrives (cancel the Spark jobs in flight, so the job unwinds
+    at once instead of waiting for them). Its own thread: the main thread may be inside a py4j call, and py4j calls
+    from a signal handler fail as reentrant. Errors in `action` are ignored: the job is stopping anyway."""
+    _on_stop[name] = action
+
+
+def _start_stop_actions() -> None:
+    for action in list(_on_stop.values()):
+        threading.Thread(target=_ignoring_errors, args=(action,), daemon=True, name="sparkvision-stop").start()
+
+
+def _ignoring_errors(action: Callable[[], None]) -> None:
+    try:
+        action()
+    except Exception:
+        pass
 
 
 def stop_requested() -> int | None:
@@ -43,7 +63,11 @@ def _raise_stopped(signum: int, _frame: object) -> None:
     _requested.append(signum)
     if os.environ.get("SPARKVISION_VERBOSE") != "1":
         logging.getLogger().setLevel(logging.CRITICAL)  # py4j logs every call the dying JVM refuses, at ERROR
+    _start_stop_actions()
     raise Stopped(signum)
+
+
+_raise_stopped.sparkvision_stop = True  # type: ignore[attr-defined]
 
 
 @contextmanager
@@ -76,8 +100,26 @@ def call_on_signals(action: Callable[[int], None]) -> Iterator[list[int]]:
         received.append(signum)
         action(signum)
 
+    handler.sparkvision_stop = True  # type: ignore[attr-defined]
     with _handled_by(handler):
         yield received
+
+
+@contextmanager
+def keep_stop_handlers() -> Iterator[None]:
+    """Put this module's stop handlers back if the block replaced them. PySpark's SparkContext takes SIGINT for itself:
+    Ctrl-C then cancels all jobs from inside the py4j call in progress, where py4j prints a reentrant-call traceback
+    for each. A job under stop_on_signals unwinds cleanly instead. Other handlers (a notebook's) are left to PySpark."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            if getattr(handler, "sparkvision_stop", False) and signal.getsignal(s) is not handler:
+                signal.signal(s, handler)
 
 
 class SignalWatch:

@@ -5,12 +5,15 @@ import contextlib
 import os
 import re
 import sys
+import threading
+import time
 from typing import Callable, Iterator, TypeVar
 from pathlib import Path
 
 from pyspark.sql import SparkSession
 
 from pipelines.config import Config, resolve_path
+from pipelines.signals import keep_stop_handlers, on_stop, stop_requested
 
 # Environment every executor (and every Horovod worker it starts) needs before TensorFlow is imported.
 EXECUTOR_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
@@ -72,13 +75,48 @@ def get_spark(cfg: Config) -> SparkSession:
         builder = builder.config(key, value)
     if os.environ.get("SPARKVISION_VERBOSE", "0") != "1":
         builder = builder.config("spark.driver.extraJavaOptions", QUIET_LOG4J_OPTION)
-    spark = builder.getOrCreate()
+    with keep_stop_handlers():  # the job's Ctrl-C handling, not PySpark's
+        spark = builder.getOrCreate()
+    on_stop("cancel Spark jobs", spark.sparkContext.cancelAllJobs)  # what PySpark's own Ctrl-C handler did
     # petastorm reads its cache location from the session conf (not a Spark key: set after start).
     cache_dir = resolve_path(cfg.paths.datasets_root).parent / "petastorm-cache"
     spark.conf.set("petastorm.spark.converter.parentCacheDirUrl", cache_dir.as_uri())
     # WARN with --verbose; errors only by default, so a run prints one line per stage.
     spark.sparkContext.setLogLevel("WARN" if os.environ.get("SPARKVISION_VERBOSE") == "1" else "ERROR")
     return spark
+
+
+@contextlib.contextmanager
+def wind_down_on_stop(spark: SparkSession, wait_s: float = 5.0) -> Iterator[None]:
+    """When the block is stopped by a signal: let the cancelled Spark jobs' tasks end, then stop Spark in order.
+
+    A process that exits with tasks still being killed shuts the JVM down under them, and it prints
+    RejectedExecutionException and NullPointerException traces on the way out. Done in a new thread, because the
+    signal may have interrupted this thread's py4j call, which leaves its connection unusable. At most ~wait_s + 4 s,
+    well inside the 20 s a workflow task gets between SIGTERM and SIGKILL."""
+    try:
+        yield
+    except BaseException:
+        if stop_requested():
+            worker = threading.Thread(target=_wind_down, args=(spark, wait_s), name="sparkvision-wind-down",
+                                      daemon=True)
+            worker.start()
+            worker.join(wait_s + 10)
+        raise
+
+
+def _wind_down(spark: SparkSession, wait_s: float) -> None:
+    with contextlib.suppress(Exception):  # the JVM may be gone already (the whole process group was signalled)
+        spark.sparkContext.cancelAllJobs()
+        tracker = spark.sparkContext._jsc.sc().statusTracker()
+        deadline = time.monotonic() + wait_s
+        # a cancelled job ends before its tasks have stopped, and a task reported killed may still be running its
+        # completion listeners: wait for the running-task count, then for spark.python.task.killTimeout (2 s), after
+        # which Spark kills a Python worker that has not stopped
+        while any(e.numRunningTasks() for e in tracker.getExecutorInfos()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.5)
+        spark.stop()
 
 
 @contextlib.contextmanager

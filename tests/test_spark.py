@@ -72,3 +72,46 @@ def test_a_crashed_python_worker_is_still_reported_and_named_in_the_error(tmp_pa
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Job aborted due to stage failure" in res.stdout and "Python worker exited unexpectedly" in res.stdout
     assert "ERROR Executor: Exception in task 0.0 in stage 0.0 (TID 0)\n" in res.stderr
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("to", ["driver", "process_group"])  # `kill -INT PID`; Ctrl-C in a terminal
+def test_ctrl_c_during_a_spark_job_stops_quietly_and_promptly(tmp_path, to):
+    """PySpark's own SIGINT handler cancelled jobs from inside the interrupted py4j call (py4j printed a
+    reentrant-call traceback per call) and exiting mid-cancel made the JVM print Java traces: now one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time\n"
+            "from pipelines.config import load_config\n"
+            "from pipelines.signals import Stopped, stop_on_signals, stop_requested\n"
+            "from pipelines.spark import get_spark, wind_down_on_stop\n"
+            "with stop_on_signals():\n"
+            f"    spark = get_spark(load_config([], ['spark.master=local[2]', 'paths.datasets_root={tmp_path}/d']))\n"
+            "    try:\n"
+            "        with wind_down_on_stop(spark):\n"
+            "            print('running', flush=True)\n"
+            "            slow = lambda batches: (time.sleep(300) or b for b in batches)\n"
+            "            spark.range(0, 2, 1, 2).mapInPandas(slow, 'id long').collect()  # as evaluate and infer\n"
+            "    except BaseException:  # as the CLI: the signal may surface as py4j's error, not Stopped\n"
+            "        stopped = Stopped(stop_requested())\n"
+            "        print(stopped, file=sys.stderr)\n"
+            "        sys.exit(stopped.exit_code)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_GATEWAY_PORT", "SPARKVISION_VERBOSE")}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    assert proc.stdout.readline().strip() == "running"
+    time.sleep(5)  # the two tasks are sleeping in their Python workers
+    started = time.monotonic()
+    if to == "driver":
+        proc.send_signal(signal.SIGINT)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip() == "stopped by SIGINT", err[-3000:]
+    assert time.monotonic() - started < 20  # a workflow task's SIGTERM-to-SIGKILL grace
