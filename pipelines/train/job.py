@@ -191,10 +191,12 @@ def launch_failure(exc: BaseException, output: WorkerOutput, workers: int, start
     return f"training failed on a Horovod worker ({cause}); worker log: {output.path}"
 
 
-def worker_spec(cfg: Config, ds: DatasetVersion, manifest: Manifest, run_id: str, start_epoch: int,
-                history: list, precision: str | None = None) -> WorkerSpec:
-    """What every worker needs; `precision`: the dtype policy a resumed checkpoint was trained in."""
+def worker_spec(cfg: Config, ds: DatasetVersion, manifest: Manifest, run_id: str,
+                state: dict[str, Any] | None = None) -> WorkerSpec:
+    """What every worker needs; `state`: the checkpoint state a resume continues from."""
     t = cfg.train
+    state = state or {}
+    precision = state.get("precision")
     weights = manifest.class_weights
     return WorkerSpec(
         train_url=ds.split_path("train").as_uri(),
@@ -213,7 +215,8 @@ def worker_spec(cfg: Config, ds: DatasetVersion, manifest: Manifest, run_id: str
         # recipe would change unseen (the checkpoint itself restores either way: its variables are float32)
         mixed_precision=policy_setting(precision) if precision else t.mixed_precision, fp16_allreduce=t.fp16_allreduce,
         checkpoint_dir=str(resolve_path(cfg.paths.checkpoints_root) / run_id),
-        tracking_uri=tracking.tracking_uri(cfg), run_id=run_id, start_epoch=start_epoch, history=history)
+        tracking_uri=tracking.tracking_uri(cfg), run_id=run_id, start_epoch=state.get("epoch", 0),
+        history=state.get("history", []), checkpoint=state.get("checkpoint", "ckpt"))  # "ckpt": older checkpoints
 
 
 def _log_dataset(ds: DatasetVersion, manifest: Manifest) -> None:
@@ -352,8 +355,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
                 mlflow.set_tag(f"resumed_at_epoch_{start_epoch + 1}",
                                ", ".join(f"{k}: {old} -> {new}" for k, old, new in changed) or "no changes")
                 mlflow.log_dict(cfg.to_dict(), f"config_resumed_at_epoch_{start_epoch + 1}.yaml")
-            spec = worker_spec(cfg, ds, manifest, run_id, start_epoch, state["history"] if state else [],
-                               (state or {}).get("precision"))
+            spec = worker_spec(cfg, ds, manifest, run_id, state)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             out = WorkerOutput(ckpt_dir / "workers.log")
             printer = EpochPrinter(ckpt_dir / PROGRESS_FILE, t.epochs)

@@ -51,6 +51,7 @@ class WorkerSpec:
     tracking_uri: str
     run_id: str
     start_epoch: int = 0
+    checkpoint: str = "ckpt"  # the checkpoint prefix (under checkpoint_dir) that start_epoch resumes from
     fp16_allreduce: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -218,11 +219,17 @@ def _drop_older_best_weights(directory: Path, best_epoch: int | None) -> None:
 
 
 def _save_checkpoint(ckpt, directory: Path, state: dict[str, Any]) -> None:
-    """Model + optimizer state, then the JSON that marks the epoch complete (written last, atomically)."""
-    ckpt.write(str(directory / "ckpt"))
+    """Model + optimizer state under a new prefix per epoch, then the JSON that marks the epoch complete and names
+    that prefix (written last, atomically), then the older prefixes go. Killed at any point, state.json and the
+    checkpoint it names still belong together (one prefix rewritten in place could be half the next epoch)."""
+    prefix = f"ckpt-{state['epoch']:04d}"
+    ckpt.write(str(directory / prefix))
     tmp = directory / "state.json.tmp"
-    tmp.write_text(json.dumps(state))
+    tmp.write_text(json.dumps({**state, "checkpoint": prefix}))
     os.replace(tmp, directory / "state.json")
+    for old in directory.glob("ckpt*"):
+        if old.is_file() and not old.name.startswith(f"{prefix}."):
+            old.unlink(missing_ok=True)
 
 
 def read_state(directory: str | Path) -> dict[str, Any] | None:
@@ -288,7 +295,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     ckpt = tf.train.Checkpoint(model=model, optimizer=opt)
     start_epoch, history = spec.start_epoch, list(spec.history)
     if start_epoch > 0:
-        ckpt.read(str(ckpt_dir / "ckpt")).expect_partial()  # every worker restores the same files
+        ckpt.read(str(ckpt_dir / spec.checkpoint)).expect_partial()  # every worker restores the same files
     # Horovod: start every worker from rank 0's weights and optimizer state.
     hvd_tf.broadcast_variables(model.variables, root_rank=0)
     hvd_tf.broadcast_variables(opt.variables, root_rank=0)
@@ -432,5 +439,5 @@ def _log_epoch(spec: WorkerSpec, metrics: dict[str, float]) -> None:
 
 
 __all__ = ["WorkerSpec", "train_worker", "check_shared_paths", "steps_per_epoch", "precision_policy", "policy_setting",
-           "cpu_flags", "cache_shard", "reader_threads", "cores_per_worker", "core_group", "bind_to_cores", "read_state",
-           "BestEpoch", "best_weights_file", "PROGRESS_FILE"]
+           "cpu_flags", "cache_shard", "reader_threads", "cores_per_worker", "core_group", "bind_to_cores",
+           "read_state", "BestEpoch", "best_weights_file", "PROGRESS_FILE"]

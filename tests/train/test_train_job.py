@@ -97,6 +97,9 @@ def test_resume_continues_at_the_next_epoch_in_the_same_run(spark, small):
     assert resumed["run_id"] == first["run_id"]
     assert resumed["epochs_run"] == 3
     assert resumed["precision"] == state["precision"]
+    # one checkpoint left, under the prefix state.json names (a prefix per epoch: never half of the next one)
+    assert json.loads(state_file.read_text())["checkpoint"] == "ckpt-0003"
+    assert sorted({f.name.split(".")[0] for f in state_file.parent.glob("ckpt*")}) == ["ckpt-0003"]
     steps = sorted(m.step for m in mlflow.MlflowClient().get_metric_history(first["run_id"], "loss"))
     assert steps == [0, 1, 2]
     run = mlflow.get_run(first["run_id"])
