@@ -1,6 +1,8 @@
 """The one SparkSession builder: executors get the environment TensorFlow and Horovod need."""
 import os
 
+import pytest
+
 
 def test_executors_get_legacy_keras_and_arrow(spark):
     def env(_):
@@ -45,14 +47,12 @@ def test_local_executors_run_the_daemon_that_drops_horovods_closed_pipe_error_on
         ("pipelines.executor_daemon", "_thread_error")}
     pipe = Pipe()
     pipe.close()
-    try:  # what Horovod's output-forwarding thread hits when a stopped run's task service closes the pipe
+    with pytest.raises(RuntimeError) as closed:  # what Horovod's output thread hits when a stopped run closes the pipe
         pipe.write("last line\n")
-    except RuntimeError as exc:
-        assert is_closed_pipe(RuntimeError, exc, exc.__traceback__)
-    try:
+    assert is_closed_pipe(RuntimeError, closed.value, closed.tb)
+    with pytest.raises(RuntimeError) as elsewhere:
         raise RuntimeError("Pipe is closed")  # the same words from anywhere else are still printed
-    except RuntimeError as exc:
-        assert not is_closed_pipe(RuntimeError, exc, exc.__traceback__)
+    assert not is_closed_pipe(RuntimeError, elsewhere.value, elsewhere.tb)
 
 
 def test_a_crashed_python_worker_is_still_reported_and_named_in_the_error(tmp_path):
@@ -73,8 +73,6 @@ def test_a_crashed_python_worker_is_still_reported_and_named_in_the_error(tmp_pa
     assert "Job aborted due to stage failure" in res.stdout and "Python worker exited unexpectedly" in res.stdout
     assert "ERROR Executor: Exception in task 0.0 in stage 0.0 (TID 0)\n" in res.stderr
 
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("to", ["driver", "process_group"])  # `kill -INT PID`; Ctrl-C in a terminal

@@ -210,11 +210,11 @@ def _save_best_weights(model, directory: Path, epoch: int) -> None:
     os.replace(tmp, path)
 
 
-def _drop_older_best_weights(directory: Path, best_epoch: int | None) -> None:
-    """Remove best-weights files of epochs that are no longer the best (after the checkpoint that says so)."""
-    keep = best_weights_file(directory, best_epoch).name if best_epoch is not None else None
-    for f in directory.glob("best_weights_epoch*.h5"):
-        if f.name != keep:
+def _remove_all_but(directory: Path, pattern: str, keep: str | None) -> None:
+    """Remove the files matching `pattern` except those named `keep` or `keep.*` (an older epoch's checkpoint or
+    best weights, once state.json names the newer ones)."""
+    for f in directory.glob(pattern):
+        if f.is_file() and not (keep and (f.name == keep or f.name.startswith(f"{keep}."))):
             f.unlink(missing_ok=True)
 
 
@@ -227,9 +227,7 @@ def _save_checkpoint(ckpt, directory: Path, state: dict[str, Any]) -> None:
     tmp = directory / "state.json.tmp"
     tmp.write_text(json.dumps({**state, "checkpoint": prefix}))
     os.replace(tmp, directory / "state.json")
-    for old in directory.glob("ckpt*"):
-        if old.is_file() and not old.name.startswith(f"{prefix}."):
-            old.unlink(missing_ok=True)
+    _remove_all_but(directory, "ckpt*", prefix)
 
 
 def read_state(directory: str | Path) -> dict[str, Any] | None:
@@ -387,7 +385,8 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
                     _save_best_weights(model, ckpt_dir, epoch)
                 _save_checkpoint(ckpt, ckpt_dir, {"epoch": epoch + 1, "history": history,
                                                         "precision": policy})
-                _drop_older_best_weights(ckpt_dir, best.epoch)
+                _remove_all_but(ckpt_dir, "best_weights_epoch*.h5",
+                                best_weights_file(ckpt_dir, best.epoch).name if best.epoch is not None else None)
                 _log_epoch(spec, metrics)
                 # Horovod forwards worker stdout to the driver in 64 KiB chunks, so progress goes through a
                 # file on the (shared) checkpoint path that the driver tails.
