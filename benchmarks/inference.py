@@ -4,7 +4,7 @@ model.predict on the same rows held in memory, same model, same cores, side by s
     .venv/bin/python benchmarks/inference.py [--rows 60000]
 
 Goal: Spark >= 0.8x the in-memory images/s. Both sides are compared warm (model loaded, graph traced);
-the cold Spark pass is printed too.
+the cold Spark pass is printed too, and so is MLflow's own mlflow.pyfunc.spark_udf on the same model (no goal).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def main() -> None:
     from mlflow.models import infer_signature
 
     from pipelines import tracking
-    from pipelines.inference.predict import load_keras_model, predict
+    from pipelines.inference.predict import load_keras_model, pixel_array, predict
     from pipelines.models import build_model
     from pipelines.spark import get_spark
 
@@ -64,6 +64,14 @@ def main() -> None:
         predict(spark.read.parquet(split.as_uri()).select("id", "image"), uri, batch_size=args.batch_size) \
             .write.mode("overwrite").parquet(out.as_uri())
         spark_s.append(time.perf_counter() - t0)
+    # MLflow's own way, for comparison: spark_udf on the same model, fed the pixels as array<int> (pixel_array)
+    udf = mlflow.pyfunc.spark_udf(spark, uri, result_type="array<float>", env_manager="local")
+    udf_s = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        spark.read.parquet(split.as_uri()).select("id", udf(pixel_array("image")).alias("probs")) \
+            .write.mode("overwrite").parquet((BENCH_DIR / "infer" / "udf_preds").as_uri())
+        udf_s.append(time.perf_counter() - t0)
     spark.stop()
 
     # In memory: the same rows as one numpy array, model.predict in this process
@@ -77,7 +85,8 @@ def main() -> None:
     report(f"batch inference, mnist_cnn, {rows} Fashion-MNIST images, batch {args.batch_size}, 2 cores",
            [("in-process model.predict on numpy in memory (warm)", rows / mem_s, "images/s"),
             ("Spark local[2]: Parquet -> predict() -> Parquet, cold workers", rows / spark_s[0], "images/s"),
-            ("Spark local[2]: Parquet -> predict() -> Parquet, warm workers", rows / spark_s[1], "images/s")],
+            ("Spark local[2]: Parquet -> predict() -> Parquet, warm workers", rows / spark_s[1], "images/s"),
+            ("Spark local[2]: mlflow.pyfunc.spark_udf(pixel_array), warm", rows / udf_s[1], "images/s")],
            "Spark (warm) / in-memory (warm)", mem_s / spark_s[1], 0.8)
     print(f"  cold Spark / in-memory: {mem_s / spark_s[0]:.2f}x (the first pass also starts the Python workers, "
           f"imports TensorFlow and loads the model: {spark_s[0] - spark_s[1]:.1f}s more)")

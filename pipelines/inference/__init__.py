@@ -1,2 +1,2 @@
 """Evaluation, the promotion gate, and distributed batch inference over DataFrames."""
-from pipelines.inference.predict import predict  # noqa: F401
+from pipelines.inference.predict import pixel_array, predict  # noqa: F401

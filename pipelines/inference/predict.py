@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -154,3 +154,13 @@ def check_image_lengths(df: DataFrame, image_column: str, shape: tuple[int, ...]
         raise PipelineError(f"image bytes of length {row['lo']}..{row['hi']} do not match the model input "
                             f"{'x'.join(map(str, shape))} ({expected} bytes)")
     return int(row["n"])
+
+
+def pixel_array(image_column: str = "image") -> Column:
+    """The image's pixel bytes as an array<int> column, the input `mlflow.pyfunc.spark_udf` takes for a model with
+    a tensor signature (it reshapes flat arrays to the signature's shape). Built by Spark SQL on the executors."""
+    c = F.col(image_column)
+    byte_at = lambda i: F.conv(F.hex(c.substr(i, F.lit(1))), 16, 10).cast("int")  # noqa: E731
+    # sequence(1, 0) counts down, so empty bytes get an empty array explicitly; null stays null
+    return F.when(F.length(c) > 0, F.transform(F.sequence(F.lit(1), F.length(c)), byte_at)).when(
+        c.isNotNull(), F.array().cast("array<int>"))

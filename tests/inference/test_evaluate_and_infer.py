@@ -102,6 +102,29 @@ def test_predict_api_on_a_users_dataframe(spark, trained):
     assert "image" not in out.columns
 
 
+def test_the_registered_model_scores_with_mlflow_spark_udf_as_predict_does(spark, trained):
+    """MLflow users' own way: mlflow.pyfunc.spark_udf on the registered model, fed by pixel_array."""
+    import mlflow
+    from pyspark.sql import functions as F
+
+    from pipelines.dataset.contract import resolve_dataset
+    from pipelines.inference import pixel_array
+
+    _, _, first = trained
+    uri = f"models:/{first['registered_model']}/{first['version']}"
+    ds = resolve_dataset(cfg_of(trained).paths.datasets_root, "fashion_mnist")
+    df = spark.read.parquet(ds.split_path("test").as_uri()).limit(200)
+    # result_type: MLflow infers array<array<float>> from the (-1, 10) output tensor, then fails on each row's 1-D one
+    probs = mlflow.pyfunc.spark_udf(spark, uri, result_type="array<float>", env_manager="local")
+    by_udf = df.select("id", probs(pixel_array("image")).alias("probs")).toPandas()
+    by_predict = predict(df, uri, top_k=1).select("id", "pred_label", "probability").toPandas()
+    merged = by_udf.merge(by_predict, on="id")
+    assert len(merged) == 200
+    assert (merged["probs"].map(np.argmax) == merged["pred_label"]).all()
+    assert np.allclose(merged["probs"].map(max), merged["probability"], atol=1e-5)
+    assert df.select(F.size(pixel_array("image")).alias("n")).distinct().first()["n"] == 28 * 28
+
+
 def test_infer_reads_a_catalog_table_by_name(spark, trained, tmp_path):
     _, _, first = trained
     from pipelines.dataset.contract import resolve_dataset
