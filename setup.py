@@ -44,7 +44,7 @@ setup(
     cmdclass={"build_py": BuildWithConf},
     install_requires=pinned(
         "pyspark", "pyarrow", "numpy", "pandas", "tensorflow", "tf-keras", "horovod",
-        "petastorm", "mlflow", "databricks-bundles", "pillow", "pyyaml", "croniter", "matplotlib",
+        "petastorm", "mlflow", "databricks-bundles", "pillow", "pyyaml", "croniter", "matplotlib", "uvicorn",
     ),
     extras_require={"dev": pinned("pytest", "pytest-timeout", "scikit-image", "scikit-learn")},
     entry_points={"console_scripts": ["sparkvision=pipelines.cli:main"]},

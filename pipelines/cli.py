@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("action", choices=["up", "down", "status"])
     cl.add_argument("--workers", type=int, default=None, help="number of Spark workers (default: cluster.workers)")
     _common(cl)
+    serve = sub.add_parser("serve", help="serve a registered model over REST (MLflow's scoring server)")
+    serve.add_argument("--model", metavar="URI", help="default: infer.model_uri, else models:/<registered>@champion")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=5001)
+    _common(serve)
     ui = sub.add_parser("ui", help="start the MLflow UI on the configured store (127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)
     _common(ui)
@@ -100,6 +105,8 @@ def _run_other(args: argparse.Namespace, cfg: Config) -> int:
         # Become the MLflow server process, so a signal to this PID stops the server itself.
         os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                   "--host", "127.0.0.1", "--port", str(args.port)])
+    if args.command == "serve":
+        return _load("pipelines.inference.serve:serve_model")(cfg, args.model, args.host, args.port, args.verbose)
     if args.command == "workflow":
         return _load("pipelines.workflow.cli:workflow_command")(args, cfg)
     if args.command == "cluster":

@@ -114,7 +114,7 @@ def test_cli_print_config_shows_the_effective_values():
 
 def test_cli_help_lists_subcommands():
     res = _cli("--help")
-    for sub in ("ingest", "train", "evaluate", "infer", "tune", "workflow", "ui", "cluster"):
+    for sub in ("ingest", "train", "evaluate", "infer", "serve", "tune", "workflow", "ui", "cluster"):
         assert sub in res.stdout
 
 

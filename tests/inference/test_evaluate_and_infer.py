@@ -125,6 +125,56 @@ def test_the_registered_model_scores_with_mlflow_spark_udf_as_predict_does(spark
     assert df.select(F.size(pixel_array("image")).alias("n")).distinct().first()["n"] == 28 * 28
 
 
+def test_serve_answers_rest_requests_like_the_model_and_stops_on_ctrl_c(trained):
+    """`sparkvision serve`: MLflow's scoring server on 127.0.0.1, quiet, one line; a taken port is a clear error."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from pipelines.dataset.contract import resolve_dataset
+
+    root, _, first = trained
+    uri = f"models:/{first['registered_model']}/{first['version']}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--model", uri, "--port", str(port),
+           "--set", f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db"]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        assert server.poll() is None, server.communicate()
+        taken = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert taken.returncode == 1 and f"cannot serve on 127.0.0.1:{port}: address already in use" in taken.stderr
+        rows = pq.read_table(resolve_dataset(f"{root}/datasets", "fashion_mnist").split_path("test"),
+                             columns=["image"]).slice(0, 20)
+        pixels = np.stack([np.frombuffer(b, np.uint8) for b in rows.column("image").to_pylist()]).reshape(-1, 28, 28, 1)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         json.dumps({"inputs": pixels.tolist()}).encode(),
+                                         {"Content-Type": "application/json"})
+        served = np.array(json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"])
+        local = load_keras_model(uri).predict(pixels, verbose=0)
+        assert served.shape == (20, 10) and np.allclose(served, local, atol=1e-5)
+    finally:
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=60)
+    assert server.returncode == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"[serve] {uri} (version {first['version']} of ") and \
+        lines[1] == "stopped by SIGINT", err
+    assert out == ""  # no per-request Keras progress bar
+
+
 def test_infer_reads_a_catalog_table_by_name(spark, trained, tmp_path):
     _, _, first = trained
     from pipelines.dataset.contract import resolve_dataset
