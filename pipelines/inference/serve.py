@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 
 from pipelines import tracking
 from pipelines.config import Config
@@ -29,8 +30,9 @@ def serve_model(cfg: Config, model_uri: str | None, host: str, port: int, verbos
     tracking.configure(cfg)
     uri = model_uri or default_model_uri(cfg)
     model = resolve_model(uri)  # a missing model or alias is one clear sentence, before anything starts
+    local_copy = tempfile.TemporaryDirectory(prefix="sparkvision-serve-")  # removed when the server stops
     with hush():
-        local_path = mlflow.artifacts.download_artifacts(model.load_uri)
+        local_path = mlflow.artifacts.download_artifacts(model.load_uri, dst_path=local_copy.name)
     # What `mlflow models serve` does: the scoring app reads the model's local path from this variable.
     os.environ[scoring_server._SERVER_MODEL_PATH] = local_path
     if not verbose:  # pyfunc's predict would draw a Keras progress bar per request
@@ -47,8 +49,9 @@ def serve_model(cfg: Config, model_uri: str | None, host: str, port: int, verbos
     signals: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: signals.append(signum))
-    uvicorn.run("mlflow.pyfunc.scoring_server.app:app", host=host, port=port, workers=1,
-                log_level="info" if verbose else "warning")
+    with local_copy:
+        uvicorn.run("mlflow.pyfunc.scoring_server.app:app", host=host, port=port, workers=1,
+                    log_level="info" if verbose else "warning")
     if signals:
         raise Stopped(signals[0])
     return 0

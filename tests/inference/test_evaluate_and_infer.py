@@ -1,4 +1,6 @@
 """Evaluation, the promotion gate and batch inference, with a model really trained by Horovod workers."""
+import os
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -125,7 +127,7 @@ def test_the_registered_model_scores_with_mlflow_spark_udf_as_predict_does(spark
     assert df.select(F.size(pixel_array("image")).alias("n")).distinct().first()["n"] == 28 * 28
 
 
-def test_serve_answers_rest_requests_like_the_model_and_stops_on_ctrl_c(trained):
+def test_serve_answers_rest_requests_like_the_model_and_stops_on_ctrl_c(trained, tmp_path):
     """`sparkvision serve`: MLflow's scoring server on 127.0.0.1, quiet, one line; a taken port is a clear error."""
     import json
     import signal
@@ -144,7 +146,8 @@ def test_serve_answers_rest_requests_like_the_model_and_stops_on_ctrl_c(trained)
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--model", uri, "--port", str(port),
            "--set", f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db"]
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where the server keeps its copy of the model
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and server.poll() is None:
@@ -154,6 +157,7 @@ def test_serve_answers_rest_requests_like_the_model_and_stops_on_ctrl_c(trained)
             except OSError:
                 time.sleep(1)
         assert server.poll() is None, server.communicate()
+        assert len(list(tmp_path.glob("sparkvision-serve-*"))) == 1
         taken = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert taken.returncode == 1 and f"cannot serve on 127.0.0.1:{port}: address already in use" in taken.stderr
         rows = pq.read_table(resolve_dataset(f"{root}/datasets", "fashion_mnist").split_path("test"),
@@ -173,6 +177,7 @@ def test_serve_answers_rest_requests_like_the_model_and_stops_on_ctrl_c(trained)
     assert len(lines) == 2 and lines[0].startswith(f"[serve] {uri} (version {first['version']} of ") and \
         lines[1] == "stopped by SIGINT", err
     assert out == ""  # no per-request Keras progress bar
+    assert not list(tmp_path.glob("sparkvision-serve-*"))  # its copy of the model is gone with it
 
 
 def test_infer_reads_a_catalog_table_by_name(spark, trained, tmp_path):
