@@ -74,7 +74,6 @@ def test_a_crashed_python_worker_is_still_reported_and_named_in_the_error(tmp_pa
     assert "ERROR Executor: Exception in task 0.0 in stage 0.0 (TID 0)\n" in res.stderr
 
 
-
 @pytest.mark.parametrize("to", ["driver", "process_group"])  # `kill -INT PID`; Ctrl-C in a terminal
 def test_ctrl_c_during_a_spark_job_stops_quietly_and_promptly(tmp_path, to):
     """PySpark's own SIGINT handler cancelled jobs from inside the interrupted py4j call (py4j printed a

@@ -6,7 +6,6 @@ default (no per-request Keras progress bar or access log) and stops on SIGTERM/C
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import tempfile
 
@@ -15,7 +14,7 @@ from pipelines.config import Config
 from pipelines.errors import PipelineError
 from pipelines.inference.job import default_model_uri
 from pipelines.inference.models import resolve_model
-from pipelines.signals import Stopped
+from pipelines.signals import Stopped, call_on_signals
 
 
 def serve_model(cfg: Config, model_uri: str | None, host: str, port: int, verbose: bool) -> int:
@@ -44,16 +43,13 @@ def serve_model(cfg: Config, model_uri: str | None, host: str, port: int, verbos
     print(f"[serve] {uri} ({what}) on http://{host}:{port}: POST /invocations "
           f'{{"inputs": <uint8 pixels, n x {shape}>}} returns class probabilities in the order of '
           f"{', '.join(model.label_names[:3])}, ...; Ctrl-C stops it", file=sys.stderr)
-    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the handler it found: record
-    # it here, and stop like every command does once the server is down (raising from inside uvicorn prints traces)
-    signals: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: signals.append(signum))
-    with local_copy:
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the handler it found: only
+    # record it there, and stop like every command does once the server is down (raising inside uvicorn prints traces)
+    with local_copy, call_on_signals(lambda _signum: None) as received:
         uvicorn.run("mlflow.pyfunc.scoring_server.app:app", host=host, port=port, workers=1,
                     log_level="info" if verbose else "warning")
-    if signals:
-        raise Stopped(signals[0])
+    if received:
+        raise Stopped(received[0])
     return 0
 
 
