@@ -9,8 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import pipelines  # noqa: E402,F401  (sets the environment every process needs, before TensorFlow is imported)
 BENCH_DIR = ROOT / "var" / "bench"
 
 

@@ -59,7 +59,7 @@ def _single_thread_fit(args: tuple) -> float:
 
     quiet_libraries(False)  # a spawned process: TensorFlow's AutoGraph warnings, as in the parent
     if bind:
-        from pipelines.train.worker import bind_to_cores, core_group
+        from pipelines.train.devices import bind_to_cores, core_group
 
         bind_to_cores(core_group(sorted(os.sched_getaffinity(0)), part[0], part[1]))
     import tensorflow as tf

@@ -8,7 +8,8 @@ import traceback
 from typing import Callable
 
 from pipelines.config import Config, ConfigError, load_config
-from pipelines.console import emit_result, is_verbose, quiet_libraries
+from pipelines.console import emit_result, quiet_libraries
+from pipelines.environment import is_verbose
 from pipelines.errors import PipelineError, first_line
 from pipelines.signals import Stopped, stop_on_signals, stop_requested
 

@@ -89,16 +89,21 @@ class IngestConfig:
     files_per_split: int
 
 
+# A train.* key whose field carries this may differ when a run is resumed (how long, on how many workers, how it is
+# fed); every other key is the run's recipe, and a resume that changes one would continue another run.
+RESUMABLE = {"resume": "may change"}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    dataset: Optional[str]
+    dataset: Optional[str] = field(metadata=RESUMABLE)  # the resume check compares the resolved NAME/VERSION
     model: Literal["mnist_cnn", "lenet5", "vgg_small", "small_resnet"]
     activation: Literal["relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid"]
     dropout: float
     l2: float
     width: float
-    num_proc: int
-    epochs: int
+    num_proc: int = field(metadata=RESUMABLE)
+    epochs: int = field(metadata=RESUMABLE)
     batch_size: int
     optimizer: Literal["sgd", "momentum", "nesterov", "adam", "adadelta", "rmsprop", "adagrad"]
     learning_rate: float
@@ -106,19 +111,24 @@ class TrainConfig:
     momentum: float
     schedule: Literal["constant", "plateau", "cosine"]
     warmup_epochs: int
-    early_stopping_patience: int
-    restore_best_weights: bool
+    early_stopping_patience: int = field(metadata=RESUMABLE)
+    restore_best_weights: bool = field(metadata=RESUMABLE)
     class_weights: bool
     augment: bool
-    shuffle_buffer: int
-    cache_mb: int
-    reader_threads: int
-    bind_cores: bool
+    shuffle_buffer: int = field(metadata=RESUMABLE)
+    cache_mb: int = field(metadata=RESUMABLE)
+    reader_threads: int = field(metadata=RESUMABLE)
+    bind_cores: bool = field(metadata=RESUMABLE)
     seed: int
     mixed_precision: Literal["auto", "on", "off", "float16", "bfloat16"]
-    fp16_allreduce: bool
-    horovod_cycle_time_ms: Optional[float]
-    timeout_s: int
+    fp16_allreduce: bool = field(metadata=RESUMABLE)
+    horovod_cycle_time_ms: Optional[float] = field(metadata=RESUMABLE)
+    timeout_s: int = field(metadata=RESUMABLE)
+
+
+def recipe_keys() -> tuple[str, ...]:
+    """The train.* keys a resume must not change (every field of TrainConfig not marked RESUMABLE)."""
+    return tuple(f"train.{f.name}" for f in dataclasses.fields(TrainConfig) if f.metadata != RESUMABLE)
 
 
 @dataclass(frozen=True)

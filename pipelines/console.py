@@ -10,19 +10,14 @@ import time
 import warnings
 from typing import Any, Iterator
 
-_VERBOSE = False
+from pipelines.environment import is_verbose, set_verbose
 
 
 def quiet_libraries(verbose: bool) -> None:
-    """Silence TensorFlow's C++ logs, pyarrow FutureWarnings from petastorm and chatty loggers.
-
-    Must run before TensorFlow is imported; TF_USE_LEGACY_KERAS is set here too so Horovod sees Keras 2.
-    """
-    global _VERBOSE
-    _VERBOSE = verbose
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    """Record --verbose, and unless it is set silence TensorFlow's C++ logs, pyarrow FutureWarnings from petastorm
+    and chatty loggers. Must run before TensorFlow is imported."""
+    set_verbose(verbose)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
-    os.environ.setdefault("SPARKVISION_VERBOSE", "1" if verbose else "0")
     if not verbose:
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
         os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
@@ -37,7 +32,7 @@ def quiet_libraries(verbose: bool) -> None:
 def hush() -> Iterator[None]:
     """Swallow what libraries print straight to stdout/stderr (progress bars, 'Created version ...'),
     unless --verbose."""
-    if _VERBOSE:
+    if is_verbose():
         yield
         return
     import io
@@ -45,10 +40,6 @@ def hush() -> Iterator[None]:
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         yield
-
-
-def is_verbose() -> bool:
-    return _VERBOSE
 
 
 def say(stage: str, message: str) -> None:

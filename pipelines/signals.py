@@ -10,6 +10,8 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from pipelines.environment import is_verbose
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -61,7 +63,7 @@ def stop_requested() -> int | None:
 
 def _raise_stopped(signum: int, _frame: object) -> None:
     _requested.append(signum)
-    if os.environ.get("SPARKVISION_VERBOSE") != "1":
+    if not is_verbose():
         logging.getLogger().setLevel(logging.CRITICAL)  # py4j logs every call the dying JVM refuses, at ERROR
     _start_stop_actions()
     raise Stopped(signum)

@@ -13,10 +13,8 @@ from pathlib import Path
 from pyspark.sql import SparkSession
 
 from pipelines.config import Config, resolve_path
+from pipelines.environment import is_verbose, worker_env
 from pipelines.signals import keep_stop_handlers, on_stop, stop_requested
-
-# Environment every executor (and every Horovod worker it starts) needs before TensorFlow is imported.
-EXECUTOR_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
 
 
 # Spark's logging, errors only, for a JVM this process starts; spark-submit starts its JVM before the job's code runs,
@@ -40,11 +38,10 @@ def spark_conf(cfg: Config) -> dict[str, str]:
     }
     if cfg.spark.master.startswith("local"):
         conf["spark.driver.host"] = "127.0.0.1"
-        if os.environ.get("SPARKVISION_VERBOSE", "0") != "1":  # executors share the terminal: no stop tracebacks
+        if not is_verbose():  # executors share the terminal: no stop tracebacks
             conf["spark.python.daemon.module"] = "pipelines.executor_daemon"
-    for key, value in EXECUTOR_ENV.items():
+    for key, value in worker_env().items():
         conf[f"spark.executorEnv.{key}"] = value
-    conf["spark.executorEnv.SPARKVISION_VERBOSE"] = os.environ.get("SPARKVISION_VERBOSE", "0")
     slots = local_cores(cfg.spark.master)
     if slots:  # local[N]: N Python workers share this machine's cores
         conf["spark.executorEnv.SPARKVISION_TF_THREADS"] = str(max(1, (os.cpu_count() or 1) // slots))
@@ -64,8 +61,6 @@ def local_cores(master: str) -> int:
 
 def get_spark(cfg: Config) -> SparkSession:
     """The job's SparkSession: an active one (spark-submit, Databricks) gets our settings where it still can."""
-    for key, value in EXECUTOR_ENV.items():
-        os.environ.setdefault(key, value)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(cfg.spark.app_name)
     # Under spark-submit (which sets PYSPARK_GATEWAY_PORT) its --master decides; otherwise the config does.
@@ -73,7 +68,7 @@ def get_spark(cfg: Config) -> SparkSession:
         builder = builder.master(cfg.spark.master)
     for key, value in spark_conf(cfg).items():
         builder = builder.config(key, value)
-    if os.environ.get("SPARKVISION_VERBOSE", "0") != "1":
+    if not is_verbose():
         builder = builder.config("spark.driver.extraJavaOptions", QUIET_LOG4J_OPTION)
     with keep_stop_handlers():  # the job's Ctrl-C handling, not PySpark's
         spark = builder.getOrCreate()
@@ -82,7 +77,7 @@ def get_spark(cfg: Config) -> SparkSession:
     cache_dir = resolve_path(cfg.paths.datasets_root).parent / "petastorm-cache"
     spark.conf.set("petastorm.spark.converter.parentCacheDirUrl", cache_dir.as_uri())
     # WARN with --verbose; errors only by default, so a run prints one line per stage.
-    spark.sparkContext.setLogLevel("WARN" if os.environ.get("SPARKVISION_VERBOSE") == "1" else "ERROR")
+    spark.sparkContext.setLogLevel("WARN" if is_verbose() else "ERROR")
     return spark
 
 

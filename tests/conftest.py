@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
+import pipelines  # noqa: E402,F401  (sets the environment every process needs, before TensorFlow is imported)
 from pipelines.config import Config, load_config  # noqa: E402
 
 

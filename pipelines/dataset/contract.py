@@ -123,9 +123,3 @@ def set_latest(datasets_root: str | Path, name: str, version: str) -> None:
     tmp.write_text(version + "\n")
     os.replace(tmp, root / LATEST)
 
-
-def split_url(version: DatasetVersion, split: str) -> str:
-    """A split's directory as a URL petastorm and Spark both read."""
-    if split not in SPLITS:
-        raise PipelineError(f"unknown split '{split}' (expected one of {', '.join(SPLITS)})")
-    return version.split_path(split).as_uri()

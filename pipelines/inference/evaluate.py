@@ -33,16 +33,22 @@ def confusion(scored: DataFrame, num_classes: int) -> tuple[Any, float]:
     return M.confusion_matrix(pairs, num_classes), float(top_k_acc)
 
 
+def misclassified_sample(scored: DataFrame, count: int) -> DataFrame:
+    """`count` misclassified rows spread over the whole split: ordered by a hash of their id, so the sample is the
+    same on every run and not just the lowest ids (a top-k per partition, no full sort)."""
+    return scored.where(F.col("label") != F.col("pred_label")).orderBy(F.xxhash64("id"), "id").limit(count)
+
+
 def misclassified_png(scored: DataFrame, names: list[str], shape, count: int) -> bytes | None:
-    """Render a grid of misclassified examples on one executor; only the PNG comes back."""
-    wrong = scored.where(F.col("label") != F.col("pred_label")).orderBy("id").limit(count)
+    """Render a grid of sampled misclassified examples on one executor; only the PNG comes back."""
+    wrong = misclassified_sample(scored, count)
     rows = wrong.select("image", "label", "pred_label").coalesce(1).rdd.mapPartitions(
         lambda it: [M.misclassified_grid_png([(r["image"], names[r["label"]], names[r["pred_label"]]) for r in it], shape)])
     pngs = [p for p in rows.collect() if p]
     return pngs[0] if pngs else None
 
 
-def evaluate_model(spark: SparkSession, cfg: Config, model_uri: str, split_df: DataFrame, names: list[str],
+def evaluate_model(cfg: Config, model_uri: str, split_df: DataFrame, names: list[str],
                    shape: tuple[int, int, int]) -> dict:
     scored = score_split(split_df, model_uri, cfg.evaluate.top_k, cfg.infer.batch_size).persist()
     try:
@@ -89,7 +95,7 @@ def run_evaluate(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     n = check_image_lengths(df, "image", candidate.shape)
     names = manifest.label_names
 
-    result = evaluate_model(spark, cfg, uri, df, names, candidate.shape)
+    result = evaluate_model(cfg, uri, df, names, candidate.shape)
     acc = result["summary"]["accuracy"]
     say("evaluate", f"{uri} on {ds.ref}:{split} ({n} images): accuracy {acc:.4f}, "
                     f"top-{cfg.evaluate.top_k} {result['top_k_accuracy']:.4f}, macro F1 {result['summary']['macro_f1']:.4f}")
@@ -98,7 +104,7 @@ def run_evaluate(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     champion_accuracy = None
     if champion_version and champion_version != candidate.version:
         champ_uri = f"models:/{name}/{champion_version}"
-        champ = evaluate_model(spark, cfg, champ_uri, df, names, candidate.shape)
+        champ = evaluate_model(cfg, champ_uri, df, names, candidate.shape)
         champion_accuracy = champ["summary"]["accuracy"]
     gate = _gate(cfg, candidate, acc, champion_accuracy, champion_version)
 

@@ -18,9 +18,10 @@ from pipelines.config import Config
 from pipelines.console import say
 from pipelines.dataset.contract import resolve_dataset
 from pipelines.errors import PipelineError, first_line
-from pipelines.images import ImageSpec
 from pipelines.inference.models import CHAMPION, resolve_model
 from pipelines.inference.predict import check_image_lengths, predict
+from pipelines.raw_files import decode_candidates, file_read_settings, image_spec, list_files
+from pipelines.spark import scoped_conf
 
 QUARANTINE_DIR = "_quarantine"  # inside the output; Spark and pandas readers skip '_' folders
 
@@ -38,31 +39,10 @@ def read_dataset_input(spark: SparkSession, cfg: Config) -> DataFrame:
 
 
 def read_files_input(spark: SparkSession, cfg: Config, shape: tuple[int, int, int]) -> tuple[DataFrame, DataFrame]:
-    """Raw image files (a folder, recursively, or a glob) decoded with ingest's code -> (rows, quarantine)."""
-    from pipelines.ingest.validate import decode_candidates
-
-    path = cfg.infer.input
-    if not path:
+    """Raw image files (a folder, recursively, or a glob) decoded as ingest decodes them -> (rows, quarantine)."""
+    if not cfg.infer.input:
         raise PipelineError("infer.input_type=files needs infer.input (a folder or a glob of image files)")
-    if os.path.isdir(path):
-        # The ingest job's folder source: the same listing, empty files included, local files read by workers.
-        from pipelines.ingest.sources import folder_source
-
-        rows = folder_source(spark, path).rows
-    else:
-        from pipelines.images import IMAGE_EXTENSIONS
-
-        try:
-            files = spark.read.format("binaryFile").load(path)
-        except Exception as exc:
-            raise PipelineError(f"cannot read image files at {path}: {first_line(exc)}") from None
-        ext = F.lower(F.regexp_extract("path", r"(\.[^./]+)$", 1))
-        rows = files.where(ext.isin(*sorted(IMAGE_EXTENSIONS))).select(
-            "path", F.lit(None).cast("string").alias("label"), F.lit(None).cast("string").alias("source_split"),
-            "content", F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
-    im = cfg.ingest.image
-    spec = ImageSpec(shape[0], shape[1], shape[2], im.resize_policy, tuple(im.background), cfg.ingest.max_pixels)
-    decoded = decode_candidates(rows, spec)
+    decoded = decode_candidates(list_files(spark, cfg.infer.input), image_spec(cfg, shape))
     good = decoded.where(F.col("reason").isNull()).select(
         F.col("path").alias("source_path"), F.col("content_hash").alias("id"), "image")
     bad = decoded.where(F.col("reason").isNotNull()).select("path", "reason", "detail")
@@ -107,10 +87,7 @@ def _write_atomically(df: DataFrame, quarantine: DataFrame | None, output: Path,
 
 def run_infer(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     """Score the configured input with the configured model (default: the champion) and write Parquet."""
-    from pipelines.ingest.job import file_source_settings
-    from pipelines.spark import scoped_conf
-
-    with scoped_conf(spark, file_source_settings(cfg) if cfg.infer.input_type == "files" else {}):
+    with scoped_conf(spark, file_read_settings(cfg) if cfg.infer.input_type == "files" else {}):
         return _infer(spark, cfg)
 
 

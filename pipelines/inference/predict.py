@@ -31,7 +31,6 @@ _MODELS: dict[str, object] = {}
 def load_keras_model(uri: str, tracking_uri: str | None = None):
     """The model behind an MLflow URI, loaded once per Python process."""
     if uri not in _MODELS:
-        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
         import mlflow
         import tensorflow as tf
 

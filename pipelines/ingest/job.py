@@ -17,15 +17,10 @@ from pipelines.errors import PipelineError
 from pipelines.images import ImageSpec
 from pipelines.ingest import prepare, sources
 from pipelines.ingest.publish import Staging, parquet_row_groups
-from pipelines.ingest.validate import decode_candidates
+from pipelines.raw_files import decode_candidates, file_read_settings, image_spec
 from pipelines.spark import run_concurrently, scoped_conf
 
 ROW_OVERHEAD_BYTES = 120  # id, label, paths and hash next to the pixels, for sizing row groups
-
-
-def image_spec(cfg: Config) -> ImageSpec:
-    im = cfg.ingest.image
-    return ImageSpec(im.height, im.width, im.channels, im.resize_policy, tuple(im.background), cfg.ingest.max_pixels)
 
 
 def read_source(spark: SparkSession, cfg: Config) -> sources.Candidates:
@@ -46,20 +41,9 @@ def content_digest(splits: DataFrame, spec: ImageSpec, label_names: list[str]) -
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def file_source_settings(cfg: Config) -> dict[str, str]:
-    """Session settings while reading raw image files (restored when the job ends)."""
-    return {
-        # Photos are large: small Arrow batches, so a batch of raw files fits in a Python worker's memory.
-        "spark.sql.execution.arrow.maxRecordsPerBatch": str(min(cfg.spark.arrow_batch_size, 64)),
-        # Spark plans file splits as if each file cost 4 MB to open: for small photos that is one task per
-        # ~30 files. Count 64 KB, so tasks hold hundreds of photos each.
-        "spark.sql.files.openCostInBytes": str(64 * 1024),
-    }
-
-
 def run_ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     """Read the configured source, validate and normalize on the executors, publish a new dataset version."""
-    settings = file_source_settings(cfg) if cfg.ingest.source.type != "idx" else {}
+    settings = file_read_settings(cfg) if cfg.ingest.source.type != "idx" else {}
     with scoped_conf(spark, settings):
         return _ingest(spark, cfg)
 

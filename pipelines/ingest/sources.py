@@ -1,9 +1,5 @@
-"""Sources: each returns a DataFrame of candidate images, one row per image file (or IDX record).
-
-Columns: path (string), label (string or null), source_split (string: 'test' when the source brings its own
-test set, else null), content (binary: the file's bytes, raw pixels for IDX, or null when the Python workers
-read the file at `path` themselves), raw_height / raw_width
-(int: set only when content is already raw grayscale pixels). Pixels stay on the executors.
+"""Sources: each returns a DataFrame of candidate images, one row per image file (or IDX record), with the columns
+of `pipelines.raw_files.RAW_SCHEMA`. Folder listing is the shared raw-file reader's; pixels stay on the executors.
 """
 from __future__ import annotations
 
@@ -17,19 +13,9 @@ from typing import Iterator
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from pipelines.errors import PipelineError
-from pipelines.images import IMAGE_EXTENSIONS, skip_reason
-
-RAW_SCHEMA = T.StructType([
-    T.StructField("path", T.StringType()),
-    T.StructField("label", T.StringType()),
-    T.StructField("source_split", T.StringType()),
-    T.StructField("content", T.BinaryType()),
-    T.StructField("raw_height", T.IntegerType()),
-    T.StructField("raw_width", T.IntegerType()),
-])
+from pipelines.raw_files import RAW_SCHEMA, list_folder, qualified_path
 
 
 @dataclass(frozen=True)
@@ -161,62 +147,10 @@ def _idx_rows(spark: SparkSession, images: IdxFile, labels: IdxFile, source_spli
 
 # --------------------------------------------------------------------------------------------- folder
 
-def _qualified(spark: SparkSession, path: str) -> str:
-    """The path as Hadoop writes it in binaryFile's `path` column (e.g. file:/data/x)."""
-    jvm = spark._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(path)
-    fs = hpath.getFileSystem(spark._jsc.hadoopConfiguration())
-    return fs.makeQualified(hpath).toString().rstrip("/")
-
-
-def walk_local(root: str) -> tuple[int, list[str]]:
-    """Hidden files under a local root (Spark never lists them) and empty image files (Spark's file scan
-    drops zero-length files): both are counted here so that nothing is lost silently."""
-    local = root[len("file:"):] if root.startswith("file:") else root
-    if "://" in local or not os.path.isdir(local):
-        return 0, []
-    hidden, empty = 0, []
-    for dirpath, _dirnames, filenames in os.walk(local):
-        rel = os.path.relpath(dirpath, local)
-        in_hidden_dir = any(p.startswith((".", "_")) for p in Path(rel).parts if p != ".")
-        for f in filenames:
-            reason = "hidden" if in_hidden_dir else skip_reason(f)
-            if reason == "hidden":
-                hidden += 1
-            elif reason is None and os.path.getsize(os.path.join(dirpath, f)) == 0:
-                empty.append(os.path.join(os.path.abspath(dirpath), f))
-    return hidden, empty
-
-
 def folder_source(spark: SparkSession, root: str) -> Candidates:
     """ROOT/<label>/**/<file>: the label is the first folder under ROOT; binaryFile reads recursively."""
-    if "://" not in root and not os.path.isdir(root):
-        raise PipelineError(f"image folder not found: {root}")
-    prefix = _qualified(spark, root)
-    listed = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
-    hidden, empty = walk_local(root)
-    if empty:  # paths only (no pixels): zero-length files, to be quarantined as empty_file
-        listed = listed.unionByName(spark.createDataFrame(
-            [(f"file:{p}", None, len(b""), bytearray()) for p in empty],
-            "path string, modificationTime timestamp, length long, content binary"))
-    ext = F.lower(F.regexp_extract("path", r"(\.[^./]+)$", 1))
-    is_image = ext.isin(*sorted(IMAGE_EXTENSIONS))
-    not_images = listed.select("path").where(~is_image).count()
-    rel = F.expr(f"substring(path, {len(prefix) + 2})")
-    parts = F.split(rel, "/")
-    # Local (or mounted) files are read by the Python workers themselves: shipping the bytes JVM -> Arrow ->
-    # Python costs more than decoding them. Other filesystems (s3a, hdfs, ...) go through binaryFile's content.
-    local = prefix.startswith("file:")
-    rows = (listed.where(is_image)
-            .select(
-                F.col("path"),
-                F.when(F.size(parts) > 1, parts.getItem(0)).alias("label"),
-                F.lit(None).cast("string").alias("source_split"),
-                F.lit(None).cast("binary").alias("content") if local else F.col("content"),
-                F.lit(None).cast("int").alias("raw_height"),
-                F.lit(None).cast("int").alias("raw_width")))
-    skipped = {"hidden": hidden, "not_image_extension": not_images}
-    return Candidates(rows, skipped, {"type": "folder", "path": prefix})
+    rows, skipped = list_folder(spark, root)
+    return Candidates(rows, skipped, {"type": "folder", "path": qualified_path(spark, root)})
 
 
 # ---------------------------------------------------------------------------------------------- table

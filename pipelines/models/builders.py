@@ -6,14 +6,11 @@ outside preprocessing. The output is class probabilities in float32 (also under 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
-import tf_keras as keras  # noqa: E402
-from tf_keras import layers  # noqa: E402
+import tf_keras as keras
+from tf_keras import layers
 
 
 @dataclass(frozen=True)

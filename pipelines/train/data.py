@@ -27,12 +27,19 @@ class FeedOptions:
     cache: bool = False  # read the shard once, then serve every epoch from memory
 
 
+def cache_shard(rows: int, workers: int, shape: tuple[int, int, int], cache_mb: int) -> bool:
+    """Whether a worker's share of `rows` (training plus validation; raw uint8 pixels) fits the in-memory cache
+    budget."""
+    shard_bytes = math.ceil(rows / workers) * math.prod(shape)
+    return cache_mb > 0 and shard_bytes <= cache_mb * 2**20
+
+
 def _race_free_thread_pool(workers: int, seed: int):
     """petastorm's ThreadPool, with the end-of-data check of a finite read made race-free.
 
     petastorm 0.13.1's get_results() asks all_workers_done() first and ventilator.completed() second. When the
-    ventilator thread sends its last row groups between the two questions, a one-pass read ends early (6 short
-    reads in 360 on a 2-core machine, most of them with 0 rows). Asking completed() first closes the gap: once it is True, every row
+    ventilator thread sends its last row groups between the two questions, a one-pass read ends early, often with
+    nothing read. Asking completed() first closes the gap: once it is True, every row
     group it sent is already counted in the per-worker totals that all_workers_done() compares.
     """
     from petastorm.workers_pool.thread_pool import ThreadPool

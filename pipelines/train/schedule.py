@@ -1,4 +1,5 @@
-"""Optimizers and learning-rate schedules (the FAQ's questions: which optimizer, which rate, warmup)."""
+"""Optimizers, learning-rate schedules and early stopping (the FAQ's questions: which optimizer, which rate,
+warmup, when to stop)."""
 from __future__ import annotations
 
 import math
@@ -60,3 +61,19 @@ class LearningRate:
             if self.kind == "plateau" and self.epochs_without_improvement >= patience:
                 self.plateau_factor *= 0.5
                 self.epochs_without_improvement = 0
+
+
+@dataclass
+class BestEpoch:
+    """The epoch with the lowest val_loss so far, and how many epochs have passed without an improvement."""
+    epoch: int | None = None
+    val_loss: float = math.inf
+    stale: int = 0
+
+    def observe(self, epoch: int, val_loss: float) -> bool:
+        """Record an epoch's val_loss; True when it improves on the best by more than 1e-4."""
+        if val_loss < self.val_loss - 1e-4:
+            self.epoch, self.val_loss, self.stale = epoch, val_loss, 0
+            return True
+        self.stale += 1
+        return False

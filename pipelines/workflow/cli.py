@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from pipelines.config import Config
-from pipelines.console import emit_result, is_verbose, say
+from pipelines.console import emit_result, say
+from pipelines.environment import is_verbose
 from pipelines.signals import call_on_signals, signal_name
 from pipelines.workflow.definition import load_workflow
 from pipelines.workflow.runner import SUCCESS, WorkflowRunner, list_runs

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipelines.config import Config, resolve_path
 from pipelines.console import emit_result, say
+from pipelines.environment import child_env
 from pipelines.errors import PipelineError
 
 
@@ -69,9 +70,8 @@ def cluster_up(cfg: Config, workers: int | None = None) -> dict:
     state.mkdir(parents=True, exist_ok=True)
     home = spark_home()
     spark_class = str(home / "bin" / "spark-class")
-    env = {**os.environ, "SPARK_HOME": str(home), "SPARK_LOCAL_IP": c.host, "SPARK_MASTER_HOST": c.host,
-           "PYSPARK_PYTHON": sys.executable, "TF_USE_LEGACY_KERAS": "1",
-           "SPARK_WORKER_DIR": str(state / "work")}
+    env = child_env(SPARK_HOME=str(home), SPARK_LOCAL_IP=c.host, SPARK_MASTER_HOST=c.host,
+                    PYSPARK_PYTHON=sys.executable, SPARK_WORKER_DIR=str(state / "work"))
     started: dict[str, dict] = {}
 
     def record(name: str, proc: subprocess.Popen, log: Path) -> None:

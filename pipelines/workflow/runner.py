@@ -18,6 +18,7 @@ from typing import Any
 
 from pipelines.config import Config, resolve_path
 from pipelines.console import say
+from pipelines.environment import child_env
 from pipelines.spark import QUIET_LOG4J_OPTION
 from pipelines.workflow.definition import Task, Workflow, substitute
 
@@ -125,8 +126,7 @@ class WorkflowRunner:
             os.killpg(proc.pid, signal.SIGTERM)
 
     def _attempt(self, cmd: list[str], log: Path, timeout: int) -> tuple[str, int | None]:
-        env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "TF_USE_LEGACY_KERAS": "1",
-               "SPARKVISION_WORKFLOW_RUN": "1"}
+        env = child_env(PYSPARK_PYTHON=sys.executable)
         with open(log, "w") as fh:
             fh.write(f"$ {' '.join(cmd)}\n")
             fh.flush()
@@ -200,7 +200,6 @@ class WorkflowRunner:
         say("workflow", f"run {record.run_id} of {self.wf.name}: {' -> '.join(self.wf.order())}"
                         + (f" (repair from {repair_from})" if repair_from else ""))
         values: dict[str, dict[str, Any]] = {k: v.get("values", {}) for k, v in record.tasks.items()}
-        failed: str | None = None
         for key in self.wf.order():
             task = self.wf.tasks[key]
             entry = record.tasks.setdefault(key, {"attempts": []})
@@ -242,8 +241,6 @@ class WorkflowRunner:
             entry.update(status=status, ended=now())
             if status == SUCCESS:
                 values[key] = entry["values"] = self.task_values(Path(entry["log"]))
-            elif failed is None:
-                failed = key
             record.save(run_dir)
         statuses = {v.get("status") for v in record.tasks.values()}
         record.status = (CANCELLED if CANCELLED in statuses else

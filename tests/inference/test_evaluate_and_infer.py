@@ -53,17 +53,51 @@ def test_evaluate_logs_metrics_and_promotes_the_first_model(spark, trained):
     assert str(client.get_model_version_by_alias(name, "champion").version) == first["version"]
 
 
-def test_gate_refuses_a_model_below_threshold(spark, trained):
-    out = run_evaluate(spark, cfg_of(trained, "evaluate.threshold=0.999"))
-    # already champion from the previous test, or challenger: never promoted past the threshold
-    assert out["decision"] in ("challenger", "champion")
-    second = run_train(spark, cfg_of(trained, "train.epochs=1", "train.learning_rate=0.00001"))
-    weak = run_evaluate(spark, cfg_of(trained, f"evaluate.model_uri=models:/{second['registered_model']}/{second['version']}"))
-    assert weak["decision"] == "challenger"
-    assert "below the threshold" in weak["reason"] or "does not beat champion" in weak["reason"]
-    assert weak["champion_accuracy"] is not None
-    name = second["registered_model"]
-    assert str(MlflowClient().get_model_version_by_alias(name, "challenger").version) == second["version"]
+@pytest.fixture(scope="module")
+def weak(spark, trained):
+    """A second version, trained for one epoch at a tiny rate: far worse than the first."""
+    return run_train(spark, cfg_of(trained, "train.epochs=1", "train.learning_rate=0.00001"))
+
+
+def test_gate_refuses_a_model_below_threshold_and_one_that_does_not_beat_the_champion(spark, trained, weak):
+    _, _, first = trained
+    name, uri = weak["registered_model"], f"models:/{weak['registered_model']}/{weak['version']}"
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first["version"]  # the first test's
+    below = run_evaluate(spark, cfg_of(trained, f"evaluate.model_uri={uri}", "evaluate.threshold=0.999"))
+    assert below["decision"] == "challenger" and "below the threshold 0.9990" in below["reason"]
+    worse = run_evaluate(spark, cfg_of(trained, f"evaluate.model_uri={uri}", "evaluate.threshold=0.0"))
+    assert worse["decision"] == "challenger"
+    assert f"does not beat champion version {first['version']}" in worse["reason"]
+    assert worse["champion_accuracy"] > worse["metrics"]["accuracy"]
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == weak["version"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first["version"]
+
+
+def test_a_challenger_that_beats_the_champion_is_promoted(spark, trained, weak):
+    _, _, first = trained
+    name = weak["registered_model"]
+    client = MlflowClient()
+    client.set_registered_model_alias(name, "champion", weak["version"])  # as if promoted at a lower threshold
+    try:
+        out = run_evaluate(spark, cfg_of(trained, f"evaluate.model_uri=models:/{name}/{first['version']}",
+                                         "evaluate.threshold=0.5"))
+        assert out["decision"] == "champion" and out["champion_version_before"] == weak["version"]
+        assert f"beats champion version {weak['version']}" in out["reason"]
+        assert out["metrics"]["accuracy"] > out["champion_accuracy"]
+        assert str(client.get_model_version_by_alias(name, "champion").version) == first["version"]
+    finally:
+        client.set_registered_model_alias(name, "champion", first["version"])  # the later tests score the first
+
+
+def test_the_misclassified_grid_samples_the_whole_split_the_same_way_every_run(spark):
+    from pipelines.inference.evaluate import misclassified_sample
+
+    scored = spark.range(0, 2000, numPartitions=4).selectExpr("id", "0 as label", "if(id % 2 = 0, 1, 0) as pred_label")
+    ids = [r["id"] for r in misclassified_sample(scored, 12).collect()]
+    assert len(ids) == 12 and all(i % 2 == 0 for i in ids)  # misclassified rows only
+    assert ids != list(range(0, 24, 2)) and max(ids) > 1000  # not the first rows by id
+    assert [r["id"] for r in misclassified_sample(scored, 12).collect()] == ids
 
 
 def test_infer_agrees_with_evaluate_and_in_process_predict(spark, trained, tmp_path):

@@ -6,9 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.train.data import FeedOptions, open_batch_reader, split_dataset
-from pipelines.train.worker import (BestEpoch, cache_shard, core_group, cores_per_worker, policy_setting,
-                                    precision_policy, reader_threads)
+from pipelines.train.data import FeedOptions, cache_shard, open_batch_reader, split_dataset
 
 SHAPE = (4, 4, 1)
 
@@ -73,42 +71,6 @@ def test_cache_budget_counts_one_workers_share_of_raw_pixels():
     assert not cache_shard(54_000, 2, (28, 28, 1), cache_mb=0)
 
 
-def test_reader_threads_split_the_cores_between_workers_on_one_machine():
-    assert reader_threads(0, cores_per_worker(2, workers_here=2, bound=False)) == 1
-    assert reader_threads(0, cores_per_worker(16, workers_here=4, bound=False)) == 4
-    assert reader_threads(0, cores_per_worker(2, workers_here=4, bound=False)) == 1
-    assert reader_threads(3, cores_per_worker(2, workers_here=2, bound=False)) == 3
-    # bound: the worker's own core group (already its share) is all its own
-    assert reader_threads(0, cores_per_worker(3, workers_here=2, bound=True)) == 3
-
-
-def test_precision_policy_follows_the_device():
-    assert precision_policy("auto", has_gpu=True, cpu_amx=True) == "mixed_float16"
-    assert precision_policy("auto", has_gpu=False, cpu_amx=True) == "mixed_bfloat16"  # AMX: bfloat16 matrix units
-    assert precision_policy("auto", has_gpu=False, cpu_amx=False) == "float32"
-    assert precision_policy("on", has_gpu=True, cpu_amx=False) == "mixed_float16"
-    assert precision_policy("on", has_gpu=False, cpu_amx=False) == "mixed_bfloat16"  # float16 is emulated on CPUs
-    assert precision_policy("bfloat16", has_gpu=True, cpu_amx=False) == "mixed_bfloat16"
-    assert precision_policy("float16", has_gpu=False, cpu_amx=True) == "mixed_float16"
-    assert precision_policy("off", has_gpu=True, cpu_amx=True) == "float32"
-
-
-def test_a_resolved_policy_resolves_to_itself_on_any_hardware():
-    """What a resume relies on to keep a checkpoint's precision wherever it runs."""
-    for policy in ("mixed_float16", "mixed_bfloat16", "float32"):
-        for gpu, amx in ((True, True), (True, False), (False, True), (False, False)):
-            assert precision_policy(policy_setting(policy), has_gpu=gpu, cpu_amx=amx) == policy
-
-
-def test_core_groups_split_the_allowed_cores_without_overlap():
-    assert core_group([0, 1], 0, 2) == [0] and core_group([0, 1], 1, 2) == [1]
-    groups = [core_group([4, 5, 6, 7, 8], r, 2) for r in range(2)]
-    assert groups == [[4, 5], [6, 7, 8]]  # every allowed core used, none twice
-    assert core_group([3, 1, 2, 0], 0, 1) == [0, 1, 2, 3]
-    # more workers than cores: one core each, shared round-robin
-    assert [core_group([0, 1], r, 4) for r in range(4)] == [[0], [1], [0], [1]]
-
-
 @pytest.mark.parametrize("cache", [False, True])
 def test_validation_feed_covers_its_shard_once_per_epoch(split_url, tmp_path, cache):
     import shutil
@@ -148,10 +110,45 @@ def test_a_damaged_parquet_file_is_named_instead_of_petastorms_missing_metadata(
         assert sum(len(batch.image) for batch in reader) == 200
 
 
-def test_best_epoch_counts_epochs_without_a_real_improvement():
-    best = BestEpoch()
-    assert best.observe(0, 1.0) and best.epoch == 0 and best.stale == 0
-    assert not best.observe(1, 0.99995)  # within 1e-4: not an improvement
-    assert best.stale == 1 and best.epoch == 0
-    assert best.observe(2, 0.5) and (best.epoch, best.stale) == (2, 0)
-    assert not best.observe(3, 0.7) and best.stale == 1
+@pytest.mark.parametrize("cache", [False, True])
+def test_class_weights_weigh_each_example_by_its_label(split_url, cache):
+    weights = tuple(float(k + 1) for k in range(10))
+    opts = FeedOptions(SHAPE, batch_size=25, shard=0, shard_count=1, class_weights=weights, reader_threads=1,
+                       cache=cache)
+    with split_dataset(split_url, opts, endless=True) as ds:
+        for _, y, w in ds.take(4):
+            assert np.allclose(w.numpy(), np.asarray(weights)[y.numpy()])
+
+
+def test_without_class_weights_every_example_weighs_one(split_url):
+    opts = FeedOptions(SHAPE, batch_size=25, shard=0, shard_count=1, reader_threads=1, cache=True)
+    with split_dataset(split_url, opts, endless=True) as ds:
+        _, _, w = next(iter(ds))
+    assert np.all(w.numpy() == 1.0)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_augmentation_shifts_and_flips_the_training_images_only(tmp_path, cache):
+    """Row i's image is one bright pixel at (i % 8, 3) of an 8x8 image: augmented batches keep the shape and dtype
+    but move the pixel (a shift of up to 2 px, a horizontal flip); validation images are never augmented."""
+    shape = (8, 8, 1)
+    root = tmp_path / "train"
+    root.mkdir()
+    pixels = np.zeros((64, 8, 8, 1), np.uint8)
+    pixels[np.arange(64), np.arange(64) % 8, 3, 0] = 255
+    pq.write_table(pa.table({"image": pa.array([p.tobytes() for p in pixels], pa.binary()),
+                             "label": pa.array(np.arange(64) % 8, pa.int64())}), root / "part-0.parquet",
+                   row_group_size=16)
+    opts = FeedOptions(shape, batch_size=16, shard=0, shard_count=1, augment=True, reader_threads=1, cache=cache)
+    moved = 0
+    with split_dataset(root.as_uri(), opts, endless=True) as ds:
+        for x, y, _ in ds.take(8):
+            x, y = x.numpy(), y.numpy()
+            assert x.shape == (16, 8, 8, 1) and x.dtype == np.uint8
+            assert x.max() == 255
+            moved += sum(not x[i, y[i], 3, 0] for i in range(16))  # no longer where the label says it was
+    assert moved > 8 * 16 // 3
+    with split_dataset(root.as_uri(), opts, endless=False) as ds:
+        for x, y, _ in ds:
+            x, y = x.numpy(), y.numpy()
+            assert all(x[i, y[i], 3, 0] == 255 for i in range(len(y)))

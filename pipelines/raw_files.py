@@ -1,0 +1,193 @@
+"""Raw image files for any stage: listing a folder or a glob as candidate rows, the decode spec built from config,
+and decoding the candidates on the executors (through `pipelines.images`), a bad file becoming a quarantine reason.
+
+Ingest (folder and table sources) and inference on files both read through here, so they see the same files and
+the same pixels. Candidate rows have the columns of RAW_SCHEMA; pixels stay on the executors.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from pipelines.config import Config
+from pipelines.errors import PipelineError, first_line
+from pipelines.images import IMAGE_EXTENSIONS, ImageSpec, Quarantined, decode, normalize_array, skip_reason
+
+MISSING_FILE = "missing_file"
+
+# path (string), label (string or null), source_split ('test' when the source brings its own test set, else null),
+# content (the file's bytes, raw pixels for IDX, or null when the Python workers read the file at `path`
+# themselves), raw_height / raw_width (set only when content is already raw grayscale pixels)
+RAW_SCHEMA = T.StructType([
+    T.StructField("path", T.StringType()),
+    T.StructField("label", T.StringType()),
+    T.StructField("source_split", T.StringType()),
+    T.StructField("content", T.BinaryType()),
+    T.StructField("raw_height", T.IntegerType()),
+    T.StructField("raw_width", T.IntegerType()),
+])
+
+DECODED_SCHEMA = T.StructType([
+    T.StructField("path", T.StringType()),
+    T.StructField("label", T.StringType()),
+    T.StructField("source_split", T.StringType()),
+    T.StructField("content_hash", T.StringType()),
+    T.StructField("image", T.BinaryType()),
+    T.StructField("reason", T.StringType()),
+    T.StructField("detail", T.StringType()),
+    T.StructField("pixel_sum", T.ArrayType(T.DoubleType())),     # per channel, pixels scaled to [0, 1]
+    T.StructField("pixel_sumsq", T.ArrayType(T.DoubleType())),
+])
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+def image_spec(cfg: Config, shape: tuple[int, int, int] | None = None) -> ImageSpec:
+    """The canonical pixel format from ingest.image (or `shape`, a model's input, with ingest's resize policy)."""
+    im = cfg.ingest.image
+    height, width, channels = shape or (im.height, im.width, im.channels)
+    return ImageSpec(height, width, channels, im.resize_policy, tuple(im.background), cfg.ingest.max_pixels)
+
+
+def file_read_settings(cfg: Config) -> dict[str, str]:
+    """Session settings while reading raw image files (restored when the job ends)."""
+    return {
+        # Photos are large: small Arrow batches, so a batch of raw files fits in a Python worker's memory.
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(min(cfg.spark.arrow_batch_size, 64)),
+        # Spark plans file splits as if each file cost 4 MB to open: for small photos that is one task per
+        # ~30 files. Count 64 KB, so tasks hold hundreds of photos each.
+        "spark.sql.files.openCostInBytes": str(64 * 1024),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- listing
+
+def qualified_path(spark: SparkSession, path: str) -> str:
+    """The path as Hadoop writes it in binaryFile's `path` column (e.g. file:/data/x)."""
+    hpath = spark._jvm.org.apache.hadoop.fs.Path(path)
+    fs = hpath.getFileSystem(spark._jsc.hadoopConfiguration())
+    return fs.makeQualified(hpath).toString().rstrip("/")
+
+
+def walk_local(root: str) -> tuple[int, list[str]]:
+    """Hidden files under a local root (Spark never lists them) and empty image files (Spark's file scan
+    drops zero-length files): both are counted here so that nothing is lost silently."""
+    local = root[len("file:"):] if root.startswith("file:") else root
+    if "://" in local or not os.path.isdir(local):
+        return 0, []
+    hidden, empty = 0, []
+    for dirpath, _dirnames, filenames in os.walk(local):
+        rel = os.path.relpath(dirpath, local)
+        in_hidden_dir = any(p.startswith((".", "_")) for p in Path(rel).parts if p != ".")
+        for f in filenames:
+            reason = "hidden" if in_hidden_dir else skip_reason(f)
+            if reason == "hidden":
+                hidden += 1
+            elif reason is None and os.path.getsize(os.path.join(dirpath, f)) == 0:
+                empty.append(os.path.join(os.path.abspath(dirpath), f))
+    return hidden, empty
+
+
+def _is_image() -> F.Column:
+    ext = F.lower(F.regexp_extract("path", r"(\.[^./]+)$", 1))
+    return ext.isin(*sorted(IMAGE_EXTENSIONS))
+
+
+def list_folder(spark: SparkSession, root: str) -> tuple[DataFrame, dict[str, int]]:
+    """ROOT/<label>/**/<file> as candidate rows (the label is the first folder under ROOT, null for files directly
+    in ROOT), and the files listed but skipped (hidden, other extensions)."""
+    if "://" not in root and not os.path.isdir(root):
+        raise PipelineError(f"image folder not found: {root}")
+    prefix = qualified_path(spark, root)
+    listed = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
+    hidden, empty = walk_local(root)
+    if empty:  # paths only (no pixels): zero-length files, to be quarantined as empty_file
+        listed = listed.unionByName(spark.createDataFrame(
+            [(f"file:{p}", None, len(b""), bytearray()) for p in empty],
+            "path string, modificationTime timestamp, length long, content binary"))
+    not_images = listed.select("path").where(~_is_image()).count()
+    parts = F.split(F.expr(f"substring(path, {len(prefix) + 2})"), "/")
+    # Local (or mounted) files are read by the Python workers themselves: shipping the bytes JVM -> Arrow ->
+    # Python costs more than decoding them. Other filesystems (s3a, hdfs, ...) go through binaryFile's content.
+    local = prefix.startswith("file:")
+    rows = listed.where(_is_image()).select(
+        "path", F.when(F.size(parts) > 1, parts.getItem(0)).alias("label"),
+        F.lit(None).cast("string").alias("source_split"),
+        F.lit(None).cast("binary").alias("content") if local else F.col("content"),
+        F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
+    return rows, {"hidden": hidden, "not_image_extension": not_images}
+
+
+def list_glob(spark: SparkSession, pattern: str) -> DataFrame:
+    """The image files a glob matches, as candidate rows without labels."""
+    try:
+        files = spark.read.format("binaryFile").load(pattern)
+    except Exception as exc:
+        raise PipelineError(f"cannot read image files at {pattern}: {first_line(exc)}") from None
+    return files.where(_is_image()).select(
+        "path", F.lit(None).cast("string").alias("label"), F.lit(None).cast("string").alias("source_split"),
+        "content", F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
+
+
+def list_files(spark: SparkSession, path: str) -> DataFrame:
+    """A folder (recursively, labels from its sub-folders) or a glob, as candidate rows."""
+    return list_folder(spark, path)[0] if os.path.isdir(path) else list_glob(spark, path)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+def read_local(path: str) -> bytes | None:
+    """A file's bytes read by this Python worker (`file:` URLs and plain paths), or None when unreadable."""
+    local = path[len("file:"):] if path.startswith("file:") else path
+    local = "/" + local.lstrip("/") if path.startswith("file:") else local
+    try:
+        with open(local, "rb") as fh:
+            return fh.read()
+    except (OSError, TypeError):
+        return None
+
+
+def decode_row(content: bytes | None, raw_height, raw_width, spec: ImageSpec) -> np.ndarray:
+    """One candidate's canonical pixels: raw IDX pixels are reshaped, file bytes are decoded."""
+    if content is None:
+        raise Quarantined(MISSING_FILE, "the file could not be read")
+    if raw_height is not None and not pd.isna(raw_height):
+        pixels = np.frombuffer(content, dtype=np.uint8).reshape(int(raw_height), int(raw_width))
+        return normalize_array(pixels, spec)
+    return decode(content, spec)
+
+
+def _decoded(row, content: bytes | None, spec: ImageSpec) -> tuple:
+    """One DECODED_SCHEMA row (in its column order) for one candidate."""
+    digest = hashlib.sha256(content).hexdigest() if content is not None else None
+    try:
+        pixels = decode_row(content, row.raw_height, row.raw_width, spec)
+    except Quarantined as q:
+        return row.path, row.label, row.source_split, digest, None, q.reason, q.detail, None, None
+    flat = pixels.reshape(-1, spec.channels)
+    wide = flat.astype(np.int32)
+    # exact integer sums, scaled to pixels in [0, 1] afterwards
+    sums = (flat.sum(axis=0, dtype=np.int64) / 255.0).tolist()
+    sumsq = (np.einsum("ij,ij->j", wide, wide, dtype=np.int64) / 65025.0).tolist()
+    return row.path, row.label, row.source_split, digest, pixels.tobytes(), None, None, sums, sumsq
+
+
+def decode_batches(batches: Iterator[pd.DataFrame], spec: ImageSpec) -> Iterator[pd.DataFrame]:
+    """mapInPandas body: candidates -> DECODED_SCHEMA rows (image or reason, hash, channel sums)."""
+    for batch in batches:
+        rows = [_decoded(row, row.content if row.content is not None else read_local(row.path), spec)
+                for row in batch.itertuples(index=False)]
+        yield pd.DataFrame(rows, columns=DECODED_SCHEMA.names)
+
+
+def decode_candidates(rows: DataFrame, spec: ImageSpec) -> DataFrame:
+    """Candidates -> decoded rows, computed on the executors (pixels never reach the driver)."""
+    return rows.mapInPandas(lambda it: decode_batches(it, spec), DECODED_SCHEMA)

@@ -1,0 +1,115 @@
+"""What a training run records in MLflow: its dataset input, live per-epoch metrics (from rank 0), the learning
+curve, the final metrics and the registered model."""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+from pipelines import tracking
+from pipelines.config import Config
+from pipelines.console import hush
+from pipelines.dataset.contract import DatasetVersion, Manifest
+
+
+def log_epoch(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> None:
+    """One epoch's metrics to the driver's run, live, at step = epoch (rank 0 only)."""
+    try:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        MlflowClient(tracking_uri=tracking_uri).log_batch(
+            run_id, metrics=[Metric(k, float(v), now, int(metrics["epoch"])) for k, v in metrics.items() if k != "epoch"])
+    except Exception as exc:
+        # tracking trouble must not kill training: the epoch line, the learning curve and the final_* metrics still
+        # come from the history the workers return to the driver
+        print(f"mlflow logging failed: {exc}", file=sys.stderr)
+
+
+def log_dataset(ds: DatasetVersion, manifest: Manifest) -> None:
+    """The dataset version as the run's training input (name, digest, split sizes, shape)."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource  # noqa: F401  (registers sources)
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": both are local artifact sources
+        source = resolve_dataset_source(ds.path.as_uri())
+    dataset = MetaDataset(source=source, name=ds.ref, digest=manifest.digest.split(":")[-1][:36])
+    counts = manifest.data["counts"]["splits"]
+    mlflow.log_input(dataset, context="training",
+                     tags={"train_rows": str(counts["train"]), "validation_rows": str(counts["validation"]),
+                           "test_rows": str(counts["test"]), "shape": "x".join(map(str, manifest.shape))})
+
+
+def log_learning_curve(history: list[dict[str, float]]) -> None:
+    """Loss and accuracy per epoch, training and validation, as learning_curve.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [h["loss"] for h in history], "o-", label="train")
+    b.plot(epochs, [h["accuracy"] for h in history], "o-", label="train")
+    if all("val_loss" in h for h in history):
+        a.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+        b.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="validation")
+    a.set(title="loss", xlabel="epoch")
+    b.set(title="accuracy", xlabel="epoch")
+    a.legend(), b.legend()
+    tracking.log_figure_png(fig, "learning_curve.png")
+
+
+def log_final(history: list[dict[str, float]], registered_epoch: int, precision: str) -> dict[str, float]:
+    """Tags and final_* metrics of the registered weights' epoch (the last, or the best with
+    train.restore_best_weights); returns that epoch's history entry."""
+    import mlflow
+
+    final = next(h for h in history if h["epoch"] == registered_epoch)
+    mlflow.set_tags({"weights_in_sync": "true", "precision": precision, "registered_epoch": str(final["epoch"] + 1)})
+    mlflow.log_metrics({f"final_{k}": v for k, v in final.items() if k != "epoch"})
+    log_learning_curve(history)
+    return final
+
+
+def log_model(cfg: Config, model_path: str, manifest: Manifest) -> tuple[str, str]:
+    """Log rank 0's model with signature and input example; register it. Returns (model URI, version)."""
+    import mlflow
+    import numpy as np
+    import tf_keras as keras
+    from mlflow.models import infer_signature
+
+    model = keras.models.load_model(model_path)
+    example = np.zeros((1, *manifest.shape), dtype=np.uint8)  # shape and dtype only: no pixels on the driver
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    run_id = mlflow.active_run().info.run_id
+    with hush():
+        info = mlflow.tensorflow.log_model(model, name="model", signature=signature, input_example=example,
+                                           metadata={"label_names": manifest.label_names,
+                                                     "shape": list(manifest.shape)})
+        version = mlflow.register_model(info.model_uri, cfg.mlflow.registered_model, tags={"run_id": run_id})
+    return f"runs:/{run_id}/model", str(version.version)
+
+
+def log_start(cfg: Config, ds: DatasetVersion, manifest: Manifest, steps_per_epoch: int) -> None:
+    """A new run's params: the config's train and spark sections, the dataset and the global batch."""
+    import mlflow
+
+    tracking.log_config(cfg, ("train", "spark"))
+    mlflow.log_params({"dataset": ds.ref, "global_batch_size": cfg.train.batch_size * cfg.train.num_proc,
+                       "steps_per_epoch": steps_per_epoch})
+    log_dataset(ds, manifest)
+
+
+def log_resume(cfg: Config, start_epoch: int, changed: list[tuple[str, str, str]]) -> None:
+    """A resume cannot change the run's params (its first settings): record what it changed instead."""
+    import mlflow
+
+    mlflow.set_tag(f"resumed_at_epoch_{start_epoch + 1}",
+                   ", ".join(f"{k}: {old} -> {new}" for k, old, new in changed) or "no changes")
+    mlflow.log_dict(cfg.to_dict(), f"config_resumed_at_epoch_{start_epoch + 1}.yaml")
+

@@ -1,0 +1,53 @@
+"""The driver's side of a launch: which worker's error is reported, and the epoch lines printed while they train."""
+import json
+
+from pipelines.environment import VERBOSE_VAR
+from pipelines.train.launch import EpochPrinter, WorkerOutput, epoch_line, worker_exception, worker_process_env
+
+
+def test_the_reported_failure_is_the_cause_not_the_workers_horovod_shut_down(tmp_path):
+    log = tmp_path / "workers.log"
+    log.write_text("[2]<stderr>:ValueError: from an earlier launch\n")  # not this launch: skipped
+    out = WorkerOutput(log)
+    out.write("[0]<stderr>:Traceback (most recent call last):\n"
+              "[0]<stderr>:tensorflow.python.framework.errors_impl.UnknownError: Graph execution error:\n"
+              "[0]<stderr>:Horovod has been shut down. This was caused by an exception on one of the ranks\n"
+              "[1]<stderr>:Traceback (most recent call last):\n"
+              "[1]<stderr>:  File \"worker.py\", line 1, in <module>\n"
+              "[1]<stderr>:OSError: [Errno 2] No such file or directory: '/data/x'\n")
+    out.flush()
+    # Horovod names rank 0 as the first to exit: it is only a casualty of rank 1's error
+    cause = worker_exception(out, "Process name: 0\nExit code: 1")
+    assert cause == "OSError: [Errno 2] No such file or directory: '/data/x'"
+    assert worker_exception(WorkerOutput(tmp_path / "empty.log"), "Process name: 0") is None
+
+
+METRICS = {"epoch": 1, "loss": 0.5, "accuracy": 0.8, "lr": 0.002, "images_per_second": 2100.4,
+           "input_wait_fraction": 0.012, "epoch_seconds": 25.04}
+
+
+def test_an_epoch_line_says_where_training_is_and_how_fast():
+    assert epoch_line(METRICS, 8) == ("epoch 2/8: loss 0.5000, acc 0.8000, lr 2.00e-03, 2100 img/s, input wait "
+                                      "1.2%, 25.0s")
+    with_val = epoch_line({**METRICS, "val_loss": 0.4, "val_accuracy": 0.85}, 8)
+    assert "acc 0.8000, val_loss 0.4000, val_acc 0.8500, lr" in with_val
+
+
+def test_the_printer_prints_each_complete_epoch_once_and_skips_earlier_launches(tmp_path, capsys):
+    progress = tmp_path / "progress.jsonl"
+    progress.write_text(json.dumps({**METRICS, "epoch": 0}) + "\n")  # a launch before a resume
+    printer = EpochPrinter(progress, 3)
+    with open(progress, "a") as fh:
+        fh.write(json.dumps(METRICS) + "\n" + '{"epoch": 2, "lo')  # the next line is still being written
+    printer.poll()
+    printer.poll()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["[train] " + epoch_line(METRICS, 3)]
+
+
+def test_workers_get_the_required_environment_and_the_drivers_verbosity(cfg_factory, monkeypatch):
+    monkeypatch.setenv(VERBOSE_VAR, "0")
+    env = worker_process_env(cfg_factory("train.horovod_cycle_time_ms=2.5").train, "sqlite:///m.db")
+    assert env["TF_USE_LEGACY_KERAS"] == "1" and env[VERBOSE_VAR] == "0" and env["TF_CPP_MIN_LOG_LEVEL"] == "3"
+    assert env["MLFLOW_TRACKING_URI"] == "sqlite:///m.db" and env["HOROVOD_CYCLE_TIME"] == "2.5"
+    assert "HOROVOD_CYCLE_TIME" not in worker_process_env(cfg_factory().train, "x")
