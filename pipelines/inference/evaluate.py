@@ -77,6 +77,42 @@ def _gate(cfg: Config, candidate, accuracy: float, champion_accuracy: float | No
     return {"decision": CHAMPION, "reason": why}
 
 
+def _log_evaluation(cfg: Config, candidate, uri: str, dataset: str, split: str, result: dict, names: list[str],
+                    gate: dict, champion_version: str | None, champion_accuracy: float | None) -> str:
+    """The evaluation run (a child of the training run): metrics per class, report, figures, the gate's decision."""
+    import mlflow
+
+    acc = result["summary"]["accuracy"]
+    tags = {"training_run_id": candidate.run_id or "", "model_uri": uri, "dataset": dataset}
+    if candidate.run_id:
+        tags["mlflow.parentRunId"] = candidate.run_id  # shows the evaluation under its training run
+    with tracking.run(cfg, "evaluate", tags=tags) as active:
+        pc = M.per_class(result["cm"])
+        safe = [''.join(ch if ch.isalnum() else "_" for ch in nm) for nm in names]
+        mlflow.log_metrics({"test_accuracy": acc, f"test_top_{cfg.evaluate.top_k}_accuracy": result["top_k_accuracy"],
+                            "test_macro_f1": result["summary"]["macro_f1"],
+                            "test_weighted_f1": result["summary"]["weighted_f1"],
+                            **{f"precision_{s}": float(pc["precision"][i]) for i, s in enumerate(safe)},
+                            **{f"recall_{s}": float(pc["recall"][i]) for i, s in enumerate(safe)},
+                            **{f"f1_{s}": float(pc["f1"][i]) for i, s in enumerate(safe)}})
+        mlflow.log_params({"model_uri": uri, "model_version": candidate.version or "", "split": split,
+                           "threshold": cfg.evaluate.threshold, "dataset": dataset})
+        mlflow.log_text(M.report(result["cm"], names), "classification_report.txt")
+        mlflow.log_dict({"labels": names, "matrix": result["cm"].tolist()}, "confusion_matrix.json")
+        tracking.log_figure_png(M.confusion_figure(result["cm"], names), "confusion_matrix.png")
+        if result["grid"]:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "misclassified.png"
+                path.write_bytes(result["grid"])
+                mlflow.log_artifact(str(path))
+        mlflow.log_dict({**gate, "accuracy": acc, "threshold": cfg.evaluate.threshold,
+                         "champion_version_before": champion_version, "champion_accuracy": champion_accuracy},
+                        "promotion.json")
+        mlflow.set_tags({"promotion_decision": gate["decision"]})
+        eval_run_id = active.info.run_id
+    return eval_run_id
+
+
 def run_evaluate(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     """Evaluate the configured model on the dataset's test split; log metrics and figures; promote or not."""
     import mlflow
@@ -108,33 +144,8 @@ def run_evaluate(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         champion_accuracy = champ["summary"]["accuracy"]
     gate = _gate(cfg, candidate, acc, champion_accuracy, champion_version)
 
-    tags = {"training_run_id": candidate.run_id or "", "model_uri": uri, "dataset": ds.ref}
-    if candidate.run_id:
-        tags["mlflow.parentRunId"] = candidate.run_id  # shows the evaluation under its training run
-    with tracking.run(cfg, "evaluate", tags=tags) as active:
-        pc = M.per_class(result["cm"])
-        safe = [''.join(ch if ch.isalnum() else "_" for ch in nm) for nm in names]
-        mlflow.log_metrics({"test_accuracy": acc, f"test_top_{cfg.evaluate.top_k}_accuracy": result["top_k_accuracy"],
-                            "test_macro_f1": result["summary"]["macro_f1"],
-                            "test_weighted_f1": result["summary"]["weighted_f1"],
-                            **{f"precision_{s}": float(pc["precision"][i]) for i, s in enumerate(safe)},
-                            **{f"recall_{s}": float(pc["recall"][i]) for i, s in enumerate(safe)},
-                            **{f"f1_{s}": float(pc["f1"][i]) for i, s in enumerate(safe)}})
-        mlflow.log_params({"model_uri": uri, "model_version": candidate.version or "", "split": split,
-                           "threshold": cfg.evaluate.threshold, "dataset": ds.ref})
-        mlflow.log_text(M.report(result["cm"], names), "classification_report.txt")
-        mlflow.log_dict({"labels": names, "matrix": result["cm"].tolist()}, "confusion_matrix.json")
-        tracking.log_figure_png(M.confusion_figure(result["cm"], names), "confusion_matrix.png")
-        if result["grid"]:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "misclassified.png"
-                path.write_bytes(result["grid"])
-                mlflow.log_artifact(str(path))
-        mlflow.log_dict({**gate, "accuracy": acc, "threshold": cfg.evaluate.threshold,
-                         "champion_version_before": champion_version, "champion_accuracy": champion_accuracy},
-                        "promotion.json")
-        mlflow.set_tags({"promotion_decision": gate["decision"]})
-        eval_run_id = active.info.run_id
+    eval_run_id = _log_evaluation(cfg, candidate, uri, ds.ref, split, result, names, gate, champion_version,
+                                  champion_accuracy)
     client = mlflow.MlflowClient()
     if candidate.run_id:
         client.log_metric(candidate.run_id, "test_accuracy", acc)  # visible next to the training metrics
