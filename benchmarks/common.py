@@ -41,3 +41,23 @@ def bench_dataset(spark, cfg):
     except PipelineError:
         run_ingest(spark, cfg)
         return resolve_dataset(cfg.paths.datasets_root, cfg.ingest.name)
+
+
+def bench_model(cfg, manifest) -> str:
+    """An untrained mnist_cnn for the dataset, logged and registered as `train` does (the cost of inference does not
+    depend on the weights); its models:/ URI."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    from pipelines import tracking
+    from pipelines.console import hush
+    from pipelines.models import build_model
+
+    model = build_model("mnist_cnn", manifest.shape, manifest.num_classes, manifest.mean, manifest.std)
+    example = np.zeros((1, *manifest.shape), np.uint8)
+    with tracking.run(cfg, "bench"), hush():
+        info = mlflow.tensorflow.log_model(model, name="model", signature=infer_signature(example, model.predict(
+            example, verbose=0)), metadata={"label_names": manifest.label_names, "shape": list(manifest.shape)})
+        version = mlflow.register_model(info.model_uri, cfg.mlflow.registered_model).version
+    return f"models:/{cfg.mlflow.registered_model}/{version}"

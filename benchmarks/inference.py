@@ -12,7 +12,7 @@ import argparse
 import shutil
 import time
 
-from common import BENCH_DIR, ROOT, bench_dataset, report
+from common import BENCH_DIR, ROOT, bench_dataset, bench_model, report
 
 
 def main() -> None:
@@ -22,17 +22,14 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipelines.config import load_config
-    from pipelines.console import hush, quiet_libraries
+    from pipelines.console import quiet_libraries
 
     quiet_libraries(False)
     import mlflow
     import numpy as np
     import pyarrow.parquet as pq
-    from mlflow.models import infer_signature
 
-    from pipelines import tracking
     from pipelines.inference.predict import load_keras_model, pixel_array, predict
-    from pipelines.models import build_model
     from pipelines.spark import get_spark
 
     shutil.rmtree(BENCH_DIR / "infer", ignore_errors=True)
@@ -43,14 +40,7 @@ def main() -> None:
     spark = get_spark(cfg)
     ds = bench_dataset(spark, cfg)
     m = ds.manifest()
-    # The cost of inference does not depend on the weights: an untrained mnist_cnn, logged like train does.
-    model = build_model("mnist_cnn", m.shape, m.num_classes, m.mean, m.std)
-    example = np.zeros((1, *m.shape), np.uint8)
-    with tracking.run(cfg, "bench"), hush():
-        info = mlflow.tensorflow.log_model(model, name="model", signature=infer_signature(example, model.predict(example, verbose=0)),
-                                           metadata={"label_names": m.label_names, "shape": list(m.shape)})
-        version = mlflow.register_model(info.model_uri, "bench_model").version
-    uri = f"models:/bench_model/{version}"
+    uri = bench_model(cfg, m)
 
     split = ds.split_path("train")
     rows = pq.read_metadata(next(split.glob("*.parquet"))).num_rows and sum(

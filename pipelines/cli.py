@@ -97,15 +97,7 @@ def _run_job(name: str, cfg: Config, args: argparse.Namespace) -> int:
 
 def _run_other(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "ui":
-        import os
-
-        from pipelines.tracking import tracking_uri
-
-        uri = tracking_uri(cfg)
-        print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C stops it", file=sys.stderr)
-        # Become the MLflow server process, so a signal to this PID stops the server itself.
-        os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                                  "--host", "127.0.0.1", "--port", str(args.port)])
+        return _load("pipelines.mlflow_ui:run_ui")(cfg, args.port)
     if args.command == "serve":
         return _load("pipelines.inference.serve:serve_model")(cfg, args.model, args.host, args.port, args.verbose)
     if args.command == "workflow":

@@ -51,6 +51,7 @@ class MlflowConfig:
     artifact_location: Optional[str]
     experiment: str
     registered_model: str
+    system_metrics_seconds: float
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class InferConfig:
     model_uri: Optional[str]
-    input_type: Literal["dataset", "files", "table"]
+    input_type: Literal["dataset", "files", "table", "stream"]
     input: Optional[str]
     image_column: str
     key_columns: list[str]
@@ -151,6 +152,9 @@ class InferConfig:
     partition_by: list[str]
     batch_size: int
     top_k: int
+    trigger: Literal["processing_time", "available_now"]
+    trigger_seconds: float
+    max_files_per_trigger: int
 
 
 @dataclass(frozen=True)
@@ -342,10 +346,13 @@ def _check_ranges(cfg: Config, origin: dict[str, str]) -> None:
         ("train.learning_rate", cfg.train.learning_rate > 0, "positive"),
         ("train.dropout", 0 <= cfg.train.dropout < 1, "in [0, 1)"),
         ("train.width", cfg.train.width > 0, "positive"),
+        ("mlflow.system_metrics_seconds", cfg.mlflow.system_metrics_seconds >= 0, "at least 0 (0 = off)"),
         ("evaluate.threshold", 0 <= cfg.evaluate.threshold <= 1, "in [0, 1]"),
         ("evaluate.top_k", cfg.evaluate.top_k >= 1, "at least 1"),
         ("infer.top_k", cfg.infer.top_k >= 1, "at least 1"),
         ("infer.batch_size", cfg.infer.batch_size >= 1, "at least 1"),
+        ("infer.trigger_seconds", cfg.infer.trigger_seconds > 0, "greater than 0"),
+        ("infer.max_files_per_trigger", cfg.infer.max_files_per_trigger >= 1, "at least 1"),
     ]
     for key, ok, what in checks:
         if not ok:

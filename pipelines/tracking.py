@@ -14,6 +14,11 @@ from pipelines.config import Config, overlay_name, resolve_path
 from pipelines.signals import Stopped, signal_name, stop_requested
 
 
+# The MLflow UI opens an experiment on its GenAI overview (traces, tokens) unless the experiment says it holds model
+# training runs.
+EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def tracking_uri(cfg: Config) -> str:
     """The tracking URI with a relative sqlite path made absolute (workers may run elsewhere)."""
     uri = cfg.mlflow.tracking_uri
@@ -36,12 +41,15 @@ def configure(cfg: Config) -> str:
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is not None:
         exp_id = exp.experiment_id
+        if exp.tags.get(EXPERIMENT_KIND) != TRAINING_KIND:  # made by an earlier release, or by hand
+            client.set_experiment_tag(exp_id, EXPERIMENT_KIND, TRAINING_KIND)
     else:
         location = None
         if cfg.mlflow.artifact_location and not uri.startswith(("http", "databricks")):
             location = resolve_path(cfg.mlflow.artifact_location).as_uri()
         try:
-            exp_id = client.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+            exp_id = client.create_experiment(cfg.mlflow.experiment, artifact_location=location,
+                                              tags={EXPERIMENT_KIND: TRAINING_KIND})
         except Exception:  # created concurrently by another job
             exp_id = client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
@@ -83,12 +91,14 @@ def git_commit() -> str:
 
 
 @contextlib.contextmanager
-def run(cfg: Config, name: str, run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """An MLflow run that ends FINISHED; KILLED when the job is stopped by a signal; else FAILED with the error."""
+def run(cfg: Config, name: str, run_id: str | None = None, tags: dict[str, str] | None = None,
+        run_name: str | None = None) -> Iterator[Any]:
+    """An MLflow run of stage `name`, shown as `run_name` (what ran: `train vgg_small fashion_mnist/v0001`), that ends
+    FINISHED; KILLED when the job is stopped by a signal; else FAILED with the error."""
     import mlflow
 
     configure(cfg)
-    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else name)
+    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else (run_name or name))
     try:
         mlflow.set_tags({"git_commit": git_commit(), "sparkvision.stage": name, **(tags or {})})
         yield active
@@ -103,6 +113,27 @@ def run(cfg: Config, name: str, run_id: str | None = None, tags: dict[str, str] 
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def log_dataset(ds: Any, manifest: Any, context: str, split: str | None = None) -> None:
+    """A published dataset version (or one split of it) as the active run's input: name, digest, split sizes and
+    shape, so the UI links datasets, training runs, models, evaluations and predictions."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource  # noqa: F401  (registers sources)
+    from mlflow.data.meta_dataset import MetaDataset
+
+    path = ds.split_path(split) if split else ds.path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": both are local artifact sources
+        source = resolve_dataset_source(path.as_uri())
+    dataset = MetaDataset(source=source, name=f"{ds.ref}:{split}" if split else ds.ref,
+                          digest=manifest.digest.split(":")[-1][:36])
+    counts = manifest.data["counts"]["splits"]
+    tags = {f"{s}_rows": str(counts[s]) for s in ((split,) if split else ("train", "validation", "test"))}
+    mlflow.log_input(dataset, context=context, tags={**tags, "shape": "x".join(map(str, manifest.shape))})
 
 
 def log_figure_png(fig: Any, artifact_file: str) -> None:

@@ -43,3 +43,21 @@ def test_ui_command_repeats_every_conf_file_the_job_was_given(tmp_path, monkeypa
     assert tracking.ui_command(cfg) == (f"sparkvision ui --conf {CONF_DIR / 'local.yaml'} "
                                         "--conf conf/profiles/accurate.yaml")
     assert tracking.ui_command(load_config([])) == "sparkvision ui"
+
+
+def test_the_experiment_says_it_holds_model_training_runs_so_the_ui_opens_on_them(cfg_factory):
+    cfg = cfg_factory("mlflow.experiment=kinds")
+    exp_id = tracking.configure(cfg)
+    client = mlflow.MlflowClient()
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "genai_development")  # as an older release left it
+    assert tracking.configure(cfg) == exp_id
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_run_is_named_for_what_ran_and_tagged_with_its_stage(cfg_factory):
+    with tracking.run(cfg_factory(), "train", run_name="train vgg_small fashion_mnist/v0001") as active:
+        pass
+    run = mlflow.MlflowClient().get_run(active.info.run_id)
+    assert run.info.run_name == "train vgg_small fashion_mnist/v0001"
+    assert run.data.tags["sparkvision.stage"] == "train"

@@ -77,16 +77,20 @@ def _gate(cfg: Config, candidate, accuracy: float, champion_accuracy: float | No
     return {"decision": CHAMPION, "reason": why}
 
 
-def _log_evaluation(cfg: Config, candidate, uri: str, dataset: str, split: str, result: dict, names: list[str],
+def _log_evaluation(cfg: Config, candidate, uri: str, ds, split: str, result: dict, names: list[str],
                     gate: dict, champion_version: str | None, champion_accuracy: float | None) -> str:
-    """The evaluation run (a child of the training run): metrics per class, report, figures, the gate's decision."""
+    """The evaluation run (a child of the training run): the split it scored, metrics per class, report, figures,
+    the gate's decision."""
     import mlflow
 
     acc = result["summary"]["accuracy"]
+    dataset = ds.ref
     tags = {"training_run_id": candidate.run_id or "", "model_uri": uri, "dataset": dataset}
     if candidate.run_id:
         tags["mlflow.parentRunId"] = candidate.run_id  # shows the evaluation under its training run
-    with tracking.run(cfg, "evaluate", tags=tags) as active:
+    what = f"v{candidate.version}" if candidate.version else uri
+    with tracking.run(cfg, "evaluate", tags=tags, run_name=f"evaluate {what} on {dataset}:{split}") as active:
+        tracking.log_dataset(ds, ds.manifest(), "evaluation", split)
         pc = M.per_class(result["cm"])
         safe = [''.join(ch if ch.isalnum() else "_" for ch in nm) for nm in names]
         mlflow.log_metrics({"test_accuracy": acc, f"test_top_{cfg.evaluate.top_k}_accuracy": result["top_k_accuracy"],
@@ -144,7 +148,7 @@ def run_evaluate(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         champion_accuracy = champ["summary"]["accuracy"]
     gate = _gate(cfg, candidate, acc, champion_accuracy, champion_version)
 
-    eval_run_id = _log_evaluation(cfg, candidate, uri, ds.ref, split, result, names, gate, champion_version,
+    eval_run_id = _log_evaluation(cfg, candidate, uri, ds, split, result, names, gate, champion_version,
                                   champion_accuracy)
     client = mlflow.MlflowClient()
     if candidate.run_id:

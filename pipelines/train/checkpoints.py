@@ -86,6 +86,15 @@ def write_progress(directory: Path, metrics: dict[str, float]) -> None:
         fh.write(json.dumps(metrics) + "\n")
 
 
+def check_shared_storage(split_urls: list[str | None], ckpt_dir: Path) -> None:
+    """Fail, on an executor, when it cannot see the dataset's splits or the run's checkpoint directory."""
+    from pipelines.train.data import local_path
+
+    splits = [local_path(url) for url in split_urls if url]
+    check_visible([*(("the dataset (paths.datasets_root)", path) for path in splits if path),
+                   ("the run's checkpoint directory (paths.checkpoints_root)", ckpt_dir)])
+
+
 def check_visible(folders: list[tuple[str, Path]]) -> None:
     """Fail naming the folders and the host when this executor cannot see what the driver prepared (a cluster whose
     executors do not share the driver's storage). `folders`: (what it is, the folder)."""

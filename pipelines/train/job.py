@@ -36,7 +36,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
     with contextlib.ExitStack() as held:
         if resume:  # before the run is reopened: a run another driver is training now is refused as it is
             held.enter_context(ck.driver_lock(ck.checkpoint_dir(cfg, resume), resume))
-        with tracking.run(cfg, "train", run_id=resume, tags=tags) as active:
+        with tracking.run(cfg, "train", run_id=resume, tags=tags, run_name=f"train {t.model} {ds.ref}") as active:
             run_id = active.info.run_id
             if resume:
                 log_resume(cfg, state.epoch, changed)
@@ -44,7 +44,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
                 held.enter_context(ck.driver_lock(ck.checkpoint_dir(cfg, run_id), run_id))
                 log_start(cfg, ds, manifest, steps_per_epoch(manifest.count("train"), t.batch_size, t.num_proc))
             spec = worker_spec(t, training_data(ds, manifest, t.class_weights), run_id, tracking.tracking_uri(cfg),
-                               str(ck.checkpoint_dir(cfg, run_id)), state)
+                               str(ck.checkpoint_dir(cfg, run_id)), state, cfg.mlflow.system_metrics_seconds)
             say("train", f"{'resuming' if resume else 'starting'} run {run_id}: {t.model} on {ds.ref}, "
                          f"{t.num_proc} Horovod worker(s), epochs {state.epoch + 1}..{t.epochs}, "
                          f"batch {t.batch_size}/worker, {t.optimizer} lr {t.learning_rate:g}")

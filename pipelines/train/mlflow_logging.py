@@ -1,10 +1,10 @@
-"""What a training run records in MLflow: its dataset input, live per-epoch metrics (from rank 0), the learning
-curve, the final metrics and the registered model."""
+"""What a training run records in MLflow: its dataset input, live per-epoch metrics (from rank 0), every worker's
+system metrics, the learning curve, the final metrics and the registered model."""
 from __future__ import annotations
 
 import sys
 import time
-import warnings
+from typing import Any
 
 from pipelines import tracking
 from pipelines.config import Config
@@ -27,21 +27,21 @@ def log_epoch(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> None
         print(f"mlflow logging failed: {exc}", file=sys.stderr)
 
 
-def log_dataset(ds: DatasetVersion, manifest: Manifest) -> None:
-    """The dataset version as the run's training input (name, digest, split sizes, shape)."""
-    import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.http_dataset_source import HTTPDatasetSource  # noqa: F401  (registers sources)
-    from mlflow.data.meta_dataset import MetaDataset
+class _NoMonitor:
+    def finish(self) -> None:
+        pass
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": both are local artifact sources
-        source = resolve_dataset_source(ds.path.as_uri())
-    dataset = MetaDataset(source=source, name=ds.ref, digest=manifest.digest.split(":")[-1][:36])
-    counts = manifest.data["counts"]["splits"]
-    mlflow.log_input(dataset, context="training",
-                     tags={"train_rows": str(counts["train"]), "validation_rows": str(counts["validation"]),
-                           "test_rows": str(counts["test"]), "shape": "x".join(map(str, manifest.shape))})
+
+def start_system_metrics(spec: Any, rank: int) -> Any:
+    """This worker's CPU, memory, disk, network (and GPU) sampled into the run as node `rank<N>`, until finish()."""
+    if spec.system_metrics_seconds <= 0:
+        return _NoMonitor()
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(spec.run_id, sampling_interval=spec.system_metrics_seconds, node_id=f"rank{rank}",
+                                   tracking_uri=spec.tracking_uri, resume_logging=spec.resume.epoch > 0)
+    monitor.start()
+    return monitor
 
 
 def log_learning_curve(history: list[dict[str, float]]) -> None:
@@ -102,7 +102,7 @@ def log_start(cfg: Config, ds: DatasetVersion, manifest: Manifest, steps_per_epo
     tracking.log_config(cfg, ("train", "spark"))
     mlflow.log_params({"dataset": ds.ref, "global_batch_size": cfg.train.batch_size * cfg.train.num_proc,
                        "steps_per_epoch": steps_per_epoch})
-    log_dataset(ds, manifest)
+    tracking.log_dataset(ds, manifest, "training")
 
 
 def log_resume(cfg: Config, start_epoch: int, changed: list[tuple[str, str, str]]) -> None:

@@ -34,6 +34,7 @@ class WorkerSpec:
     tracking_uri: str
     checkpoint_dir: str
     resume: ResumeState = ResumeState()
+    system_metrics_seconds: float = 0.0  # 0: no system metrics
 
 
 def training_data(ds: DatasetVersion, manifest: Manifest, class_weights: bool) -> TrainingData:
@@ -47,13 +48,13 @@ def training_data(ds: DatasetVersion, manifest: Manifest, class_weights: bool) -
 
 
 def worker_spec(train: TrainConfig, data: TrainingData, run_id: str, tracking_uri: str, checkpoint_dir: str,
-                resume: ResumeState | None = None) -> WorkerSpec:
+                resume: ResumeState | None = None, system_metrics_seconds: float = 0.0) -> WorkerSpec:
     """The spec for a new run, or for a resume from `resume`. A resume keeps the checkpoint's precision: `auto` or
     `on` resolve differently on other hardware, and the recipe would change unseen."""
     resume = resume or ResumeState()
     if resume.precision:
         train = dataclasses.replace(train, mixed_precision=policy_setting(resume.precision))
-    return WorkerSpec(train, data, run_id, tracking_uri, checkpoint_dir, resume)
+    return WorkerSpec(train, data, run_id, tracking_uri, checkpoint_dir, resume, system_metrics_seconds)
 
 
 def steps_per_epoch(train_rows: int, batch_size: int, workers: int) -> int:

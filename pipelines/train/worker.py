@@ -9,6 +9,7 @@ from typing import Any
 
 from pipelines.train import checkpoints as ck
 from pipelines.train.devices import process_cores, reader_threads, setup_devices
+from pipelines.train.mlflow_logging import start_system_metrics
 from pipelines.train.spec import WorkerSpec, steps_per_epoch
 
 
@@ -23,7 +24,8 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
 
     t, data, ckpt_dir = spec.train, spec.data, Path(spec.checkpoint_dir)
     hvd.init()  # Horovod: join the other workers (Gloo rendezvous through the Spark driver)
-    ck.check_visible(shared_folders(spec))  # before the first collective: a worker missing its files fails here
+    ck.check_shared_storage([data.train_url, data.validation_url], ckpt_dir)  # before the first collective
+    monitor = start_system_metrics(spec, hvd.rank())  # Horovod: every worker's CPU and memory, by rank
     devices = setup_devices(hvd, t.mixed_precision, t.bind_cores)
     tf.random.set_seed(t.seed + hvd.rank())  # Horovod: different augmentation/dropout noise per worker
 
@@ -69,16 +71,8 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     # hvd.join(): a Horovod built with NCCL registers HorovodJoin for GPUs only, so join fails on CPU workers there.
     with tf.device("/cpu:0"):
         hvd_tf.allreduce(tf.zeros([]), name="sparkvision_done")
+    monitor.finish()
     return result
-
-
-def shared_folders(spec: WorkerSpec) -> list[tuple[str, Path]]:
-    """The folders every executor must see, each with what it is."""
-    from pipelines.train.data import local_path
-
-    splits = [local_path(url) for url in (spec.data.train_url, spec.data.validation_url) if url]
-    return [*(("the dataset (paths.datasets_root)", path) for path in splits if path),
-            ("the run's checkpoint directory (paths.checkpoints_root)", Path(spec.checkpoint_dir))]
 
 
 def new_model(spec: WorkerSpec):

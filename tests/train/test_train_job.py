@@ -57,7 +57,7 @@ def test_two_workers_train_in_sync_and_log_everything(spark, small):
             shard_rows.append(sum(len(b.label) for b in reader))
     assert sum(shard_rows) == ingested["counts"]["splits"]["train"]
     assert shard_rows[0] != shard_rows[1], "the fixture must give the two workers uneven shards"
-    cfg = cfg_for(small, "train.epochs=4", "train.bind_cores=true")
+    cfg = cfg_for(small, "train.epochs=4", "train.bind_cores=true", "mlflow.system_metrics_seconds=1")
     out = run_train(spark, cfg)
     assert out["workers"] == 2 and out["weights_in_sync"]
     allowed = sorted(os.sched_getaffinity(0))
@@ -72,6 +72,10 @@ def test_two_workers_train_in_sync_and_log_everything(spark, small):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.optimizer"] == "adam" and run.data.params["dataset"] == out["dataset"]
     assert run.data.tags["num_workers"] == "2"
+    assert run.info.run_name == f"train mnist_cnn {out['dataset']}"
+    for rank in (0, 1):  # every worker's system metrics, by node
+        assert {f"system/rank{rank}/cpu_utilization_percentage",
+                f"system/rank{rank}/system_memory_usage_megabytes"} <= set(run.data.metrics), sorted(run.data.metrics)
     history = client.get_metric_history(out["run_id"], "val_accuracy")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == out["dataset"]

@@ -1,0 +1,58 @@
+"""`sparkvision ui`: a real MLflow UI on 127.0.0.1 that a stop leaves nothing of."""
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_the_ui_serves_the_store_and_a_stop_ends_every_process_it_started(tmp_path, sig):
+    port = free_port()
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--port", str(port), "--set",
+                             f"mlflow.tracking_uri={store}", "--set", f"paths.runs_root={tmp_path}/runs"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+        assert first == f"[ui] MLflow UI on http://127.0.0.1:{port} (store {store}); Ctrl-C stops it\n"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as answer:
+            assert answer.status == 200
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert any("uvicorn" in " ".join(p.cmdline()) for p in started)
+        assert not any("huey" in " ".join(p.cmdline()) for p in started)  # no GenAI job runner
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig and out == ""
+    assert err == f"stopped by {signal.Signals(sig).name}\n"  # uvicorn's INFO lines only with --verbose
+    deadline = time.monotonic() + 10
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    with socket.socket() as s:  # the port is free again
+        s.bind(("127.0.0.1", port))
+
+
+def test_a_taken_port_is_one_sentence(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "pipelines.cli", "ui", "--port", str(port), "--set",
+                               f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"], capture_output=True, text=True,
+                              timeout=120)
+    assert done.returncode == 1
+    assert done.stderr == f"error: cannot serve on 127.0.0.1:{port}: address already in use (choose another --port)\n"
