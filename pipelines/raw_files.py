@@ -96,7 +96,8 @@ def walk_local(root: str) -> tuple[int, list[str]]:
     return hidden, empty
 
 
-def _is_image() -> F.Column:
+def is_image() -> F.Column:
+    """Whether a listed file's name has an image extension."""
     ext = F.lower(F.regexp_extract("path", r"(\.[^./]+)$", 1))
     return ext.isin(*sorted(IMAGE_EXTENSIONS))
 
@@ -113,12 +114,12 @@ def list_folder(spark: SparkSession, root: str) -> tuple[DataFrame, dict[str, in
         listed = listed.unionByName(spark.createDataFrame(
             [(f"file:{p}", None, len(b""), bytearray()) for p in empty],
             "path string, modificationTime timestamp, length long, content binary"))
-    not_images = listed.select("path").where(~_is_image()).count()
+    not_images = listed.select("path").where(~is_image()).count()
     parts = F.split(F.expr(f"substring(path, {len(prefix) + 2})"), "/")
     # Local (or mounted) files are read by the Python workers themselves: shipping the bytes JVM -> Arrow ->
     # Python costs more than decoding them. Other filesystems (s3a, hdfs, ...) go through binaryFile's content.
     local = prefix.startswith("file:")
-    rows = listed.where(_is_image()).select(
+    rows = listed.where(is_image()).select(
         "path", F.when(F.size(parts) > 1, parts.getItem(0)).alias("label"),
         F.lit(None).cast("string").alias("source_split"),
         F.lit(None).cast("binary").alias("content") if local else F.col("content"),
@@ -132,7 +133,12 @@ def list_glob(spark: SparkSession, pattern: str) -> DataFrame:
         files = spark.read.format("binaryFile").load(pattern)
     except Exception as exc:
         raise PipelineError(f"cannot read image files at {pattern}: {first_line(exc)}") from None
-    return files.where(_is_image()).select(
+    return unlabelled_candidates(files)
+
+
+def unlabelled_candidates(files: DataFrame) -> DataFrame:
+    """binaryFile rows (a listing, or a stream's micro-batch) -> candidate rows of the image files, without labels."""
+    return files.where(is_image()).select(
         "path", F.lit(None).cast("string").alias("label"), F.lit(None).cast("string").alias("source_split"),
         "content", F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
 

@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 from pipelines import tracking
 from pipelines.config import Config
 from pipelines.console import say
-from pipelines.dataset.contract import resolve_dataset
+from pipelines.dataset.contract import DatasetVersion, resolve_dataset
 from pipelines.errors import PipelineError, first_line
 from pipelines.inference.models import CHAMPION, resolve_model
 from pipelines.inference.predict import check_image_lengths, predict
@@ -30,12 +30,17 @@ def default_model_uri(cfg: Config) -> str:
     return cfg.infer.model_uri or f"models:/{cfg.mlflow.registered_model}@{CHAMPION}"
 
 
+def dataset_input(cfg: Config) -> tuple[DatasetVersion, str]:
+    """infer.input for input_type=dataset, NAME[/VERSION][:split] -> (the version, the split); default: ingest.name's
+    test split."""
+    name_version, _, split = (cfg.infer.input or f"{cfg.ingest.name}:test").partition(":")
+    return resolve_dataset(cfg.paths.datasets_root, name_version), split or "test"
+
+
 def read_dataset_input(spark: SparkSession, cfg: Config) -> DataFrame:
-    """NAME[/VERSION][:split] -> that split's rows (default: ingest.name's test split)."""
-    ref = cfg.infer.input or f"{cfg.ingest.name}:test"
-    name_version, _, split = ref.partition(":")
-    ds = resolve_dataset(cfg.paths.datasets_root, name_version)
-    return spark.read.parquet(ds.split_path(split or "test").as_uri())
+    """That split's rows."""
+    ds, split = dataset_input(cfg)
+    return spark.read.parquet(ds.split_path(split).as_uri())
 
 
 def read_files_input(spark: SparkSession, cfg: Config, shape: tuple[int, int, int]) -> tuple[DataFrame, DataFrame]:
@@ -97,6 +102,34 @@ def _infer(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     ic = cfg.infer
     uri = default_model_uri(cfg)
     model = resolve_model(uri)
+    if ic.input_type == "stream":
+        from pipelines.inference.stream import run_stream
+
+        return run_stream(spark, cfg, model)
+    df, quarantine, n = read_input(spark, cfg, model)
+    output = Path(ic.output or Path(cfg.paths.predictions_root) / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    with tracking.run(cfg, "infer", tags=infer_tags(model, output),
+                      run_name=f"infer {model_label(model)} on {input_label(cfg)}") as active:
+        log_infer_input(cfg, model)
+        scored = predict(df, uri, image_column=ic.image_column if ic.input_type == "table" else "image",
+                         top_k=ic.top_k, batch_size=ic.batch_size)
+        t0 = time.perf_counter()
+        _write_atomically(scored, quarantine, output, ic.partition_by)
+        seconds = time.perf_counter() - t0
+        quarantined = spark.read.parquet((output / QUARANTINE_DIR).as_uri()).count() if quarantine is not None else 0
+        rate = n / seconds if seconds else 0.0
+        log_infer_metrics(n, quarantined, rate)
+    say("infer", f"scored {n} rows with {uri} (version {model.version}) -> {output}: "
+                 f"{quarantined} quarantined, {rate:.0f} images/s")
+    return {"stage": "infer", "output": str(output), "rows_scored": n, "rows_quarantined": quarantined,
+            "model_uri": uri, "model_version": model.version, "images_per_second": round(rate, 1),
+            "run_id": active.info.run_id, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def read_input(spark: SparkSession, cfg: Config, model) -> tuple[DataFrame, DataFrame | None, int]:
+    """The configured input as (rows to score: keys + image, quarantined files or None, row count), checked before
+    anything is written or any run is opened."""
+    ic = cfg.infer
     quarantine = None
     if ic.input_type == "dataset":
         df, image_column = read_dataset_input(spark, cfg), "image"
@@ -115,21 +148,48 @@ def _infer(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         keys = ["source_path", "id"]
     df = df.select(*dict.fromkeys(keys + [image_column]))
     if ic.input_type != "files":
-        n = check_image_lengths(df, image_column, model.shape)
-    else:
-        df = df.persist()
-        n = df.count()
-        if n == 0 and (quarantine is None or quarantine.count() == 0):
-            raise PipelineError(f"no image files found at {ic.input}")
-    scored = predict(df, uri, image_column=image_column, top_k=ic.top_k, batch_size=ic.batch_size)
-    output = Path(ic.output or Path(cfg.paths.predictions_root) / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
-    t0 = time.perf_counter()
-    _write_atomically(scored, quarantine, output, ic.partition_by)
-    seconds = time.perf_counter() - t0
-    quarantined = spark.read.parquet((output / QUARANTINE_DIR).as_uri()).count() if quarantine is not None else 0
-    rate = n / seconds if seconds else 0.0
-    say("infer", f"scored {n} rows with {uri} (version {model.version}) -> {output}: "
-                 f"{quarantined} quarantined, {rate:.0f} images/s")
-    return {"stage": "infer", "output": str(output), "rows_scored": n, "rows_quarantined": quarantined,
-            "model_uri": uri, "model_version": model.version, "images_per_second": round(rate, 1),
-            "seconds": round(time.perf_counter() - started, 1)}
+        return df, quarantine, check_image_lengths(df, image_column, model.shape)
+    df = df.persist()
+    n = df.count()
+    if n == 0 and (quarantine is None or quarantine.count() == 0):
+        raise PipelineError(f"no image files found at {ic.input}")
+    return df, quarantine, n
+
+
+def model_label(model) -> str:
+    """How a run name names a model: `v3`, or its URI when it is not a registered version."""
+    return f"v{model.version}" if model.version else model.uri
+
+
+def input_label(cfg: Config) -> str:
+    """How a run name names the input: NAME/VERSION:split for a dataset, else the path or table."""
+    ic = cfg.infer
+    if ic.input_type != "dataset":
+        return ic.input or ""
+    ds, split = dataset_input(cfg)
+    return f"{ds.ref}:{split}"
+
+
+def infer_tags(model, output: Path) -> dict[str, str]:
+    tags = {"model_uri": model.uri, "model_version": model.version or "", "output": str(output)}
+    if model.run_id:
+        tags["training_run_id"] = model.run_id
+    return tags
+
+
+def log_infer_input(cfg: Config, model) -> None:
+    """What was scored, for lineage: the dataset split (as training and evaluation log theirs), or the path/table."""
+    import mlflow
+
+    ic = cfg.infer
+    mlflow.log_params({"input_type": ic.input_type, "input": input_label(cfg), "model_uri": model.uri,
+                       "model_version": model.version or "", "batch_size": ic.batch_size})
+    if ic.input_type == "dataset":
+        ds, split = dataset_input(cfg)
+        tracking.log_dataset(ds, ds.manifest(), "inference", split)
+
+
+def log_infer_metrics(rows: int, quarantined: int, rate: float) -> None:
+    import mlflow
+
+    mlflow.log_metrics({"rows_scored": rows, "rows_quarantined": quarantined, "images_per_second": rate})

@@ -45,6 +45,10 @@ def test_evaluate_logs_metrics_and_promotes_the_first_model(spark, trained):
     client = MlflowClient()
     run = client.get_run(out["run_id"])
     assert run.data.tags["mlflow.parentRunId"] == first["run_id"]
+    assert run.info.run_name == f"evaluate v{first['version']} on {first['dataset']}:test"
+    (evaluated,) = run.inputs.dataset_inputs  # lineage: the split it scored
+    assert evaluated.dataset.name == f"{first['dataset']}:test"
+    assert {t.key: t.value for t in evaluated.tags}["mlflow.data.context"] == "evaluation"
     assert run.data.metrics["test_accuracy"] == pytest.approx(out["metrics"]["accuracy"])
     assert "f1_T_shirt_top" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(out["run_id"])}
@@ -111,6 +115,10 @@ def test_infer_agrees_with_evaluate_and_in_process_predict(spark, trained, tmp_p
     preds = pq.read_table(out["output"]).to_pandas()
     assert (preds["pred_label"] == preds["label"]).mean() == pytest.approx(evaluated["metrics"]["accuracy"], abs=0)
     assert {"pred_name", "probability", "top_k", "model_uri", "model_version"} <= set(preds.columns)
+    run = MlflowClient().get_run(out["run_id"])  # lineage: dataset split -> model version -> predictions
+    assert run.info.run_name == f"infer v{first['version']} on {first['dataset']}:test"
+    assert run.data.tags["output"] == out["output"] and run.data.metrics["rows_scored"] == out["rows_scored"]
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == [f"{first['dataset']}:test"]
     # in-process predict of the same model on the same rows
     test_dir = out["output"]  # ids come from the test split of the dataset
     from pipelines.dataset.contract import resolve_dataset
