@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 
-from common import BENCH_DIR, ROOT, bench_dataset, bench_model, report
+from common import BENCH_DIR, ROOT, bench_dataset, bench_model
 
 
 def write_pngs(ds, count: int, folder) -> list:
@@ -34,10 +34,15 @@ def write_pngs(ds, count: int, folder) -> list:
     return paths
 
 
-def deliver(paths: list, inbox, rate: float, done: threading.Event) -> None:
-    """Move the files into the inbox at `rate` files/s (a rename each, as a writer should deliver them)."""
+def deliver(paths: list, inbox, output, rate: float, done: threading.Event) -> None:
+    """Move the files into the inbox at `rate` files/s (a rename each, as a writer should deliver them), after a
+    first file whose micro-batch starts the stream's Python workers and loads the model (its fixed cost, measured
+    apart: the steady rate is what the figures are about)."""
+    os.rename(paths[0], inbox / paths[0].name)
+    while not any(output.glob("batch_id=*")):
+        time.sleep(0.2)
     start = time.monotonic()
-    for i, path in enumerate(paths):
+    for i, path in enumerate(paths[1:]):
         time.sleep(max(0.0, start + i / rate - time.monotonic()))
         os.utime(path)  # its arrival time: the stream measures latency from a file's modification time
         os.rename(path, inbox / path.name)
@@ -95,7 +100,7 @@ def main() -> None:
         *sets, "infer.input_type=stream", f"infer.input={inbox}", f"infer.model_uri={uri}", f"infer.output={output}",
         "infer.trigger=processing_time", "infer.trigger_seconds=1"])
     delivered = threading.Event()
-    threading.Thread(target=deliver, args=(paths, inbox, args.rate, delivered), daemon=True).start()
+    threading.Thread(target=deliver, args=(paths, inbox, output, args.rate, delivered), daemon=True).start()
     threading.Thread(target=stop_when_scored, args=(output, args.files, delivered), daemon=True).start()
     t0 = time.perf_counter()
     try:
@@ -107,19 +112,23 @@ def main() -> None:
     client = mlflow.MlflowClient()
     run = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id],
                              "tags.`sparkvision.stage` = 'infer'", order_by=["start_time DESC"], max_results=1)[0]
-    p50 = [x.value for x in client.get_metric_history(run.info.run_id, "arrival_to_output_p50_s")]
-    worst = [x.value for x in client.get_metric_history(run.info.run_id, "arrival_to_output_max_s")]
-    rates = [x.value for x in client.get_metric_history(run.info.run_id, "batch_rows_per_second")]
+    steady = lambda key: [x.value for x in sorted(client.get_metric_history(run.info.run_id, key),  # noqa: E731
+                                                   key=lambda x: x.step) if x.step > 0]  # after the warm-up batch
+    p50, worst = steady("arrival_to_output_p50_s"), steady("arrival_to_output_max_s")
+    rates, rows = steady("batch_rows_per_second"), steady("batch_rows_scored")
+    first = min(client.get_metric_history(run.info.run_id, "arrival_to_output_max_s"), key=lambda x: x.step)
+    warm_s = first.value
     spark.stop()
-    report(f"streaming inference, mnist_cnn, {args.files} PNG files arriving at {args.rate:g}/s, local[2]",
-           [("batch infer on the same files", batch["images_per_second"], "images/s"),
-            ("stream: files scored / (first arrival to last output)", args.files / stream_s, "images/s"),
-            ("stream: mean of its micro-batches' own rows/s", float(np.mean(rates)), "images/s"),
+    print(f"\n== streaming inference, mnist_cnn, {args.files} PNG files arriving at {args.rate:g}/s, local[2]")
+    for name, value, unit in [
+            ("batch infer on the same files (one job, start-up included)", batch["images_per_second"], "images/s"),
+            ("stream: warm-up, first file to its output (start-up)", warm_s, "s"),
+            ("stream: micro-batches' rows/s (row-weighted mean)", float(np.average(rates, weights=rows)), "images/s"),
             ("stream: arrival to output, median over micro-batches", float(np.median(p50)), "s"),
-            ("stream: arrival to output, worst file", float(max(worst)), "s")],
-           "stream micro-batch rows/s / batch infer rows/s", float(np.mean(rates)) / batch["images_per_second"], 0.5)
-    print(f"  {len(p50)} micro-batches; arrival rate {args.rate:g} files/s, stream kept up at "
-          f"{args.files / stream_s:.0f} files/s end to end")
+            ("stream: arrival to output, worst file", float(max(worst)), "s")]:
+        print(f"  {name:<58} {value:>10.1f} {unit}")
+    print(f"  {len(p50)} micro-batches after the warm-up one, {args.files - 1} files arriving at {args.rate:g}/s; "
+          f"the whole stream, start-up included, took {stream_s:.0f}s")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,17 @@ def _session_alive(sid: int) -> bool:
     return bool(out.strip())
 
 
+def experiment_page(cfg: Config, store: str, port: int) -> str:
+    """Where the project's experiment opens on its training runs. MLflow 3.17's UI keeps a GenAI / Model training
+    switch per browser (GenAI unless chosen), which wins over the experiment's kind tag; the URL can choose it."""
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(tracking_uri=store).get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is None:
+        return f"no runs yet in experiment {cfg.mlflow.experiment}"
+    return (f"training runs: http://{HOST}:{port}/#/experiments/{exp.experiment_id}?workflowType=machine_learning")
+
+
 def run_ui(cfg: Config, port: int) -> int:
     """Serve the UI until Ctrl-C or SIGTERM; exits 130 / 143 with nothing of it left running."""
     store = tracking_uri(cfg)
@@ -81,7 +92,8 @@ def run_ui(cfg: Config, port: int) -> int:
         with call_on_signals(lambda _signum: None) as received:
             wait_until_listening(proc, port, log, received)
             if not received:
-                say("ui", f"MLflow UI on http://{HOST}:{port} (store {store}); Ctrl-C stops it")
+                say("ui", f"MLflow UI on http://{HOST}:{port} (store {store}); {experiment_page(cfg, store, port)}; "
+                          f"Ctrl-C stops it")
             while proc.poll() is None and not received:
                 time.sleep(0.2)
     finally:

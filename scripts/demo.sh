@@ -22,5 +22,5 @@ print(f"dataset:           {t['ingest']['path']}")
 print(f"model:             {t['train']['model_uri']} (run {t['train']['run_id']})")
 print(f"predictions:       {t['infer']['output']} ({t['infer']['rows_scored']} rows)")
 print(f"workflow run:      {run['run_id']} (sparkvision workflow runs)")
-print(f"MLflow UI:         sparkvision ui --conf {sys.argv[2]}   (then open http://127.0.0.1:5000)")
+print(f"MLflow UI:         sparkvision ui --conf {sys.argv[2]}   (it prints the page of the training runs)")
 PY

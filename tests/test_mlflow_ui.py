@@ -20,12 +20,17 @@ def free_port() -> int:
 def test_the_ui_serves_the_store_and_a_stop_ends_every_process_it_started(tmp_path, sig):
     port = free_port()
     store = f"sqlite:///{tmp_path}/mlflow.db"
+    subprocess.run([sys.executable, "-c", "import sys; from pipelines import tracking; from pipelines.config import "
+                    "load_config; tracking.configure(load_config([], [f'mlflow.tracking_uri={sys.argv[1]}', "
+                    "f'mlflow.artifact_location={sys.argv[2]}']))", store, str(tmp_path / 'artifacts')],
+                   check=True)  # the experiment a job creates
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--port", str(port), "--set",
                              f"mlflow.tracking_uri={store}", "--set", f"paths.runs_root={tmp_path}/runs"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = proc.stderr.readline()
-        assert first == f"[ui] MLflow UI on http://127.0.0.1:{port} (store {store}); Ctrl-C stops it\n"
+        assert first == (f"[ui] MLflow UI on http://127.0.0.1:{port} (store {store}); training runs: http://127.0.0.1:"
+                         f"{port}/#/experiments/1?workflowType=machine_learning; Ctrl-C stops it\n")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as answer:
             assert answer.status == 200
         started = psutil.Process(proc.pid).children(recursive=True)
