@@ -96,6 +96,11 @@ def walk_local(root: str) -> tuple[int, list[str]]:
     return hidden, empty
 
 
+def is_image_name(path: str) -> bool:
+    """Whether a file name has an image extension (the same test as is_image, in Python)."""
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
 def is_image() -> F.Column:
     """Whether a listed file's name has an image extension."""
     ext = F.lower(F.regexp_extract("path", r"(\.[^./]+)$", 1))
@@ -150,12 +155,15 @@ def list_files(spark: SparkSession, path: str) -> DataFrame:
 
 # ---------------------------------------------------------------------------------------------- decoding
 
+def local_path(path: str) -> str:
+    """A `file:` URL (file:/x, file:///x) or a plain path as a local path."""
+    return "/" + path[len("file:"):].lstrip("/") if path.startswith("file:") else path
+
+
 def read_local(path: str) -> bytes | None:
     """A file's bytes read by this Python worker (`file:` URLs and plain paths), or None when unreadable."""
-    local = path[len("file:"):] if path.startswith("file:") else path
-    local = "/" + local.lstrip("/") if path.startswith("file:") else local
     try:
-        with open(local, "rb") as fh:
+        with open(local_path(path), "rb") as fh:
             return fh.read()
     except (OSError, TypeError):
         return None

@@ -11,6 +11,7 @@ picked up by starting the stream again, which goes on from its checkpoint.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -27,7 +28,8 @@ from pipelines.console import say
 from pipelines.errors import PipelineError, first_line
 from pipelines.inference.job import QUARANTINE_DIR, infer_tags, model_label
 from pipelines.inference.predict import predict
-from pipelines.raw_files import decode_candidates, file_read_settings, image_spec, is_image, unlabelled_candidates
+from pipelines.raw_files import (RAW_SCHEMA, decode_candidates, file_read_settings, image_spec, is_image,
+                                 is_image_name, local_path, unlabelled_candidates)
 from pipelines.signals import Stopped, call_on_signals
 from pipelines.spark import scoped_conf
 
@@ -62,7 +64,7 @@ class MicroBatchSink:
             arrived = files.select("path", "modificationTime").agg(  # no file contents read for this
                 F.count(F.lit(1)).alias("n"), F.min(arrived_at).alias("first"),
                 F.percentile_approx(arrived_at, 0.5).alias("median")).first()
-            if arrived["n"] == 0:
+            if arrived["n"] == 0 and not empty_files(self.output / CHECKPOINT_DIR, batch_id):
                 return
             scored, quarantined = self._commit(files, batch_id)
             self._report(batch_id, arrived, scored, quarantined, time.time() - started)
@@ -71,7 +73,8 @@ class MicroBatchSink:
         """Write the batch's predictions and quarantine beside the output, then rename them into place: the rename
         of the predictions is the commit. Returns (rows scored, files quarantined)."""
         ic = self.cfg.infer
-        decoded = decode_candidates(unlabelled_candidates(files), self.spec).persist()
+        candidates = with_empty_files(unlabelled_candidates(files), self.output / CHECKPOINT_DIR, batch_id)
+        decoded = decode_candidates(candidates, self.spec).persist()
         staging = self.output / STAGING_DIR / f"{batch_id:06d}"
         try:
             shutil.rmtree(staging, ignore_errors=True)
@@ -99,17 +102,40 @@ class MicroBatchSink:
         from mlflow.entities import Metric
 
         now = time.time()
-        latency_max, latency_p50 = now - float(arrived["first"]), now - float(arrived["median"])
+        first, median = arrived["first"], arrived["median"]  # None when only zero-length files arrived
+        latency_max, latency_p50 = (now - float(first), now - float(median)) if first is not None else (0.0, 0.0)
         rate = scored / seconds if seconds else 0.0
-        for key, n in (("batches", 1), ("files", arrived["n"]), ("rows_scored", scored),
-                       ("rows_quarantined", quarantined)):
+        files = scored + quarantined  # every image file of the micro-batch is one or the other
+        for key, n in (("batches", 1), ("files", files), ("rows_scored", scored), ("rows_quarantined", quarantined)):
             self.totals[key] += n
         metrics = {"batch_rows_scored": scored, "batch_rows_quarantined": quarantined, "batch_rows_per_second": rate,
                    "arrival_to_output_p50_s": latency_p50, "arrival_to_output_max_s": latency_max}
         MlflowClient().log_batch(self.run_id, metrics=[Metric(k, float(v), int(now * 1000), batch_id)
                                                        for k, v in metrics.items()])
-        say("infer", f"micro-batch {batch_id}: {arrived['n']} files, {quarantined} quarantined, {rate:.0f} rows/s, "
+        say("infer", f"micro-batch {batch_id}: {files} files, {quarantined} quarantined, {rate:.0f} rows/s, "
                      f"arrival to output p50 {latency_p50:.1f}s, max {latency_max:.1f}s")
+
+
+def empty_files(checkpoint: Path, batch_id: int) -> list[str]:
+    """The zero-length image files Spark's file source gave this micro-batch. Its scan drops them, so they are found
+    in the source's own log of the micro-batch's files (a JSON line per file, `N` or, every tenth batch, compacted in
+    `N.compact`), to be quarantined as `empty_file` as batch inference on a folder does."""
+    log = checkpoint / "sources" / "0"
+    found = next((f for f in (log / str(batch_id), log / f"{batch_id}.compact") if f.is_file()), None)
+    if found is None:
+        return []
+    entries = [json.loads(line) for line in found.read_text().splitlines()[1:] if line.startswith("{")]
+    paths = [e["path"] for e in entries if e.get("batchId") == batch_id and is_image_name(e["path"])]
+    return [p for p in paths if p.startswith("file:") and os.path.getsize(local_path(p)) == 0]
+
+
+def with_empty_files(candidates: DataFrame, checkpoint: Path, batch_id: int) -> DataFrame:
+    """The micro-batch's candidate rows plus a row (empty content) for each zero-length file it was given."""
+    empty = empty_files(checkpoint, batch_id)
+    if not empty:
+        return candidates
+    rows = [(p, None, None, bytearray(), None, None) for p in empty]
+    return candidates.unionByName(candidates.sparkSession.createDataFrame(rows, RAW_SCHEMA))
 
 
 def stream_source(path: str | None) -> str:

@@ -62,17 +62,19 @@ def test_available_now_scores_what_has_arrived_like_batch_inference_then_stops(s
     drop(inbox, [f"good{i:02d}.png" for i in range(25)])
     drop(inbox, ["broken1.png", "broken2.jpg"], corrupt=True)
     (inbox / "notes.txt").write_text("not an image file")
+    (inbox / "empty.png").write_bytes(b"")  # Spark's file scan drops it; the source's own log still lists it
     out = run_infer(spark, stream_cfg(champion, inbox, output, "infer.trigger=available_now"))
-    assert (out["rows_scored"], out["rows_quarantined"], out["files"]) == (25, 2, 27)
-    assert out["batches"] == 3  # 27 image files, at most 10 a micro-batch
+    assert (out["rows_scored"], out["rows_quarantined"], out["files"]) == (25, 3, 28)
+    assert out["batches"] == 3  # 28 image files, at most 10 a micro-batch
     streamed = spark.read.parquet(str(output))
     assert {"source_path", "id", "pred_label", "pred_name", "probability", "top_k", "model_version",
             "batch_id"} <= set(streamed.columns)
     quarantine = spark.read.parquet(str(output / "_quarantine")).select("path", "reason").collect()
     assert sorted((r["path"].rsplit("/", 1)[1], r["reason"]) for r in quarantine) == [
-        ("broken1.png", "not_an_image"), ("broken2.jpg", "not_an_image")]
+        ("broken1.png", "not_an_image"), ("broken2.jpg", "not_an_image"), ("empty.png", "empty_file")]
     batch = run_infer(spark, make_config(champion[0], *champion[1], "infer.input_type=files", f"infer.input={inbox}",
                                          f"infer.output={tmp_path / 'batch'}"))
+    assert batch["rows_quarantined"] == out["rows_quarantined"]  # the same files quarantined
     expect = {r["source_path"]: (r["pred_label"], r["probability"])
               for r in spark.read.parquet(batch["output"]).select("source_path", "pred_label", "probability").collect()}
     got = {r["source_path"]: (r["pred_label"], r["probability"])
