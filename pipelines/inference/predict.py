@@ -25,13 +25,15 @@ PREDICTION_FIELDS = [
     T.StructField("model_version", T.StringType()),
 ]
 
-_MODELS: dict[str, object] = {}
+_MODELS: dict[tuple[str | None, str], object] = {}  # by (tracking store, URI): two stores can both hold NAME/1
 
 
 def load_keras_model(uri: str, tracking_uri: str | None = None):
-    """The model behind an MLflow URI, loaded once per Python process."""
-    if uri not in _MODELS:
-        import mlflow
+    """The model behind an MLflow URI, loaded once per Python process and tracking store."""
+    import mlflow
+
+    key = (tracking_uri or mlflow.get_tracking_uri(), uri)
+    if key not in _MODELS:
         import tensorflow as tf
 
         threads = int(os.environ.get("SPARKVISION_TF_THREADS", "0"))
@@ -44,8 +46,8 @@ def load_keras_model(uri: str, tracking_uri: str | None = None):
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
             mlflow.set_registry_uri(tracking_uri)
-        _MODELS[uri] = mlflow.tensorflow.load_model(uri)
-    return _MODELS[uri]
+        _MODELS[key] = mlflow.tensorflow.load_model(uri)
+    return _MODELS[key]
 
 
 _CALLS: dict[int, object] = {}
