@@ -45,29 +45,28 @@ def batch_folder(output: Path, batch_id: int) -> Path:
 
 
 class MicroBatchSink:
-    """foreachBatch body: decode, score and commit one micro-batch, and keep the stream's totals."""
+    """foreachBatch body: decode, score and commit one micro-batch, and keep the stream's totals (Spark calls it for
+    one micro-batch at a time)."""
 
     def __init__(self, cfg: Config, model: Any, output: Path):
         self.cfg, self.model, self.output = cfg, model, output
         self.spec = image_spec(cfg, model.shape)
         self.totals = {"batches": 0, "files": 0, "rows_scored": 0, "rows_quarantined": 0}
-        self.lock = threading.Lock()
         self.run_id: str | None = None  # the stream's MLflow run: foreachBatch runs in another thread than the job
 
     def write(self, batch: DataFrame, batch_id: int) -> None:
-        with self.lock:
-            if batch_folder(self.output, batch_id).exists():
-                return  # committed before a restart; Spark replays it because the commit log did not say so yet
-            started = time.time()
-            files = batch.where(is_image())
-            arrived_at = F.col("modificationTime").cast("double")  # seconds, with their fraction
-            arrived = files.select("path", "modificationTime").agg(  # no file contents read for this
-                F.count(F.lit(1)).alias("n"), F.min(arrived_at).alias("first"),
-                F.percentile_approx(arrived_at, 0.5).alias("median")).first()
-            if arrived["n"] == 0 and not empty_files(self.output / CHECKPOINT_DIR, batch_id):
-                return
-            scored, quarantined = self._commit(files, batch_id)
-            self._report(batch_id, arrived, scored, quarantined, time.time() - started)
+        if batch_folder(self.output, batch_id).exists():
+            return  # committed before a restart; Spark replays it because the commit log did not say so yet
+        started = time.time()
+        files = batch.where(is_image())
+        arrived_at = F.col("modificationTime").cast("double")  # seconds, with their fraction
+        arrived = files.select("path", "modificationTime").agg(  # no file contents read for this
+            F.count(F.lit(1)).alias("n"), F.min(arrived_at).alias("first"),
+            F.percentile_approx(arrived_at, 0.5).alias("median")).first()
+        if arrived["n"] == 0 and not empty_files(self.output / CHECKPOINT_DIR, batch_id):
+            return
+        scored, quarantined = self._commit(files, batch_id)
+        self._report(batch_id, arrived, scored, quarantined, time.time() - started)
 
     def _commit(self, files: DataFrame, batch_id: int) -> tuple[int, int]:
         """Write the batch's predictions and quarantine beside the output, then rename them into place: the rename
