@@ -45,7 +45,7 @@ setup(
     install_requires=pinned(
         "pyspark", "pyarrow", "numpy", "pandas", "tensorflow", "tf-keras", "horovod",
         "petastorm", "mlflow", "databricks-bundles", "pillow", "pyyaml", "croniter", "matplotlib", "uvicorn",
-        "psutil", "nvidia-ml-py",
+        "psutil", "nvidia-ml-py", "optuna",
     ),
     extras_require={"dev": pinned("pytest", "pytest-timeout", "scikit-image", "scikit-learn")},
     entry_points={"console_scripts": ["sparkvision=pipelines.cli:main"]},

@@ -19,7 +19,8 @@ JOBS = {
     "train": "pipelines.train.job:run_train",
     "evaluate": "pipelines.inference.evaluate:run_evaluate",
     "infer": "pipelines.inference.job:run_infer",
-    "tune": None,  # not built yet: no issue covers hyper-parameter search so far
+    "tune": "pipelines.tune.study:run_tune",
+    "experiment": "pipelines.tune.experiment:run_experiment",
 }
 
 
@@ -40,12 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
              "train": "Horovod-distributed Keras training, tracked in MLflow",
              "evaluate": "score a model on the test split; the promotion gate",
              "infer": "distributed batch inference over a DataFrame",
-             "tune": "hyper-parameter search (not built yet)"}
+             "tune": "hyper-parameter search: an Optuna study whose trials run as Spark tasks",
+             "experiment": "one of the training FAQ's experiments: variants x seeds at one budget"}
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
         _common(p)
         if name == "train":
             p.add_argument("--resume", metavar="RUN_ID", help="continue a run from its last completed epoch")
+        if name == "experiment":
+            p.add_argument("name", nargs="?", help="an experiment of conf/experiments/ (see --list), or a YAML file")
+            p.add_argument("--list", action="store_true", help="list the experiments and exit")
     wf = sub.add_parser("workflow", help="run or schedule Databricks-format multi-task workflows")
     wf_sub = wf.add_subparsers(dest="action", metavar="ACTION", required=True)
     for action, text in {"run": "run a workflow's tasks locally in dependency order",
@@ -87,8 +92,15 @@ def _run_job(name: str, cfg: Config, args: argparse.Namespace) -> int:
     job = _load(target)
     from pipelines.spark import get_spark, wind_down_on_stop
 
+    if name == "experiment":
+        from pipelines.tune.experiment import experiment_options
+
+        options = experiment_options(args.name, args.list, args.overrides)
+        if options is None:  # --list printed them
+            return 0
+    else:
+        options = {"resume": args.resume} if name == "train" else {}
     spark = get_spark(cfg)
-    options = {"resume": args.resume} if name == "train" else {}
     with wind_down_on_stop(spark):
         result = job(spark, cfg, **options)
     emit_result(result)

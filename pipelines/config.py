@@ -32,6 +32,7 @@ class Paths:
     checkpoints_root: str
     runs_root: str
     predictions_root: str
+    studies_root: str
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class IngestConfig:
     max_pixels: int
     split: SplitConfig
     balance: Literal["none", "oversample"]
+    skew_classes: list[str]
+    skew_fraction: float
     row_group_rows: int
     files_per_split: int
 
@@ -98,11 +101,17 @@ RESUMABLE = {"resume": "may change"}
 @dataclass(frozen=True)
 class TrainConfig:
     dataset: Optional[str] = field(metadata=RESUMABLE)  # the resume check compares the resolved NAME/VERSION
-    model: Literal["mnist_cnn", "lenet5", "vgg_small", "small_resnet"]
+    model: Literal["mnist_cnn", "lenet5", "vgg_small", "small_resnet", "plain_cnn"]
     activation: Literal["relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid"]
     dropout: float
     l2: float
     width: float
+    conv_blocks: int
+    dense_layers: int
+    normalization: Literal["standardize", "scale", "raw"]
+    loss: Literal["cross_entropy", "label_smoothing", "focal", "mse"]
+    label_smoothing: float
+    focal_gamma: float
     num_proc: int = field(metadata=RESUMABLE)
     epochs: int = field(metadata=RESUMABLE)
     batch_size: int
@@ -158,10 +167,24 @@ class InferConfig:
 
 
 @dataclass(frozen=True)
+class PrunerConfig:
+    startup_trials: int
+    warmup_epochs: int
+
+
+@dataclass(frozen=True)
 class TuneConfig:
+    study: Optional[str]
     trials: int
-    metric: str
-    space: dict[str, list[Any]]
+    parallelism: int
+    epochs: int
+    timeout_s: float
+    max_train_rows: int
+    sampler_seed: int
+    pruner: PrunerConfig
+    seeds: list[int]
+    enqueue: list[dict[str, Any]]
+    space: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -270,7 +293,8 @@ def _nest(key: str, value: Any) -> dict:
 
 def shipped_overlays() -> list[str]:
     """The overlays that come with sparkvision, as `conf/...` names (base.yaml is always loaded, so not listed)."""
-    return sorted(f"conf/{p.relative_to(CONF_DIR).as_posix()}" for p in CONF_DIR.rglob("*.yaml") if p != BASE_FILE)
+    return sorted(f"conf/{p.relative_to(CONF_DIR).as_posix()}" for p in CONF_DIR.rglob("*.yaml")
+                  if p != BASE_FILE and p.parent.name != "experiments")  # experiments are not overlays
 
 
 def overlay_file(name: str | Path) -> Path:
@@ -321,6 +345,18 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
     return cfg
 
 
+def overlay(cfg: Config, values: dict[str, Any], source: str) -> Config:
+    """`cfg` with dotted `values` set as if by `source` (a tuning trial, an experiment variant), validated like a
+    file: an unknown key or a wrong type is a ConfigError naming the key and `source`."""
+    data = cfg.to_dict()
+    origin = {**_origins(data, str(BASE_FILE)), **{k: source for k in values}}
+    for key, value in values.items():
+        _merge(data, _nest(key, value), origin, source)
+    new = _build(Config, data, origin, "", cfg.sources)
+    _check_ranges(new, origin)
+    return new
+
+
 def _check_ranges(cfg: Config, origin: dict[str, str]) -> None:
     """Value checks a type cannot express; each names the key and where it was set."""
     checks = [
@@ -346,6 +382,19 @@ def _check_ranges(cfg: Config, origin: dict[str, str]) -> None:
         ("train.learning_rate", cfg.train.learning_rate > 0, "positive"),
         ("train.dropout", 0 <= cfg.train.dropout < 1, "in [0, 1)"),
         ("train.width", cfg.train.width > 0, "positive"),
+        ("train.conv_blocks", 1 <= cfg.train.conv_blocks <= 4, "in 1..4"),
+        ("train.dense_layers", 0 <= cfg.train.dense_layers <= 4, "in 0..4"),
+        ("train.label_smoothing", 0 <= cfg.train.label_smoothing < 1, "in [0, 1)"),
+        ("train.focal_gamma", cfg.train.focal_gamma >= 0, "at least 0"),
+        ("ingest.skew_fraction", 0 < cfg.ingest.skew_fraction <= 1, "in (0, 1]"),
+        ("tune.trials", cfg.tune.trials >= 1, "at least 1"),
+        ("tune.parallelism", cfg.tune.parallelism >= 1, "at least 1"),
+        ("tune.epochs", cfg.tune.epochs >= 1, "at least 1"),
+        ("tune.timeout_s", cfg.tune.timeout_s >= 0, "at least 0 (0 = no limit)"),
+        ("tune.max_train_rows", cfg.tune.max_train_rows >= 0, "at least 0 (0 = the whole training split)"),
+        ("tune.seeds", len(cfg.tune.seeds) >= 1, "a list of at least one seed"),
+        ("tune.pruner.startup_trials", cfg.tune.pruner.startup_trials >= 0, "at least 0"),
+        ("tune.pruner.warmup_epochs", cfg.tune.pruner.warmup_epochs >= 0, "at least 0"),
         ("mlflow.system_metrics_seconds", cfg.mlflow.system_metrics_seconds >= 0, "at least 0 (0 = off)"),
         ("evaluate.threshold", 0 <= cfg.evaluate.threshold <= 1, "in [0, 1]"),
         ("evaluate.top_k", cfg.evaluate.top_k >= 1, "at least 1"),

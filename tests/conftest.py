@@ -18,6 +18,7 @@ def make_config(tmp_path, *overrides: str) -> Config:
         f"paths.checkpoints_root={tmp_path}/checkpoints",
         f"paths.runs_root={tmp_path}/runs",
         f"paths.predictions_root={tmp_path}/predictions",
+        f"paths.studies_root={tmp_path}/studies",
         f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         f"mlflow.artifact_location={tmp_path}/mlartifacts",
         "spark.shuffle_partitions=4",

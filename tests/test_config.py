@@ -90,7 +90,8 @@ def test_an_overlay_found_nowhere_lists_the_shipped_ones(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         load_config(["conf/lcoal.yaml"])
     assert str(err.value) == ("config file not found: conf/lcoal.yaml (shipped overlays: conf/cluster.yaml, "
-                              "conf/databricks.yaml, conf/local.yaml, conf/profiles/accurate.yaml)")
+                              "conf/databricks.yaml, conf/local.yaml, conf/profiles/accurate.yaml, "
+                              "conf/tune/cnn.yaml)")
 
 
 def _cli(*args):
@@ -118,10 +119,16 @@ def test_cli_help_lists_subcommands():
         assert sub in res.stdout
 
 
-def test_unbuilt_subcommand_says_so_and_fails():
+def test_tune_without_a_space_is_a_config_error_naming_the_key():
     res = _cli("tune", "--conf", "conf/local.yaml")
-    assert res.returncode != 0
-    assert "not built yet" in res.stderr
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("config error: tune.space is empty")
+
+
+def test_experiment_list_names_the_catalogue():
+    res = _cli("experiment", "--list")
+    assert res.returncode == 0, res.stderr
+    assert [line.split()[0] for line in res.stdout.splitlines()][:3] == ["activations", "batch_size", "depth"]
 
 
 def test_bare_on_and_off_mean_the_words_not_booleans():

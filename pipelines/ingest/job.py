@@ -10,7 +10,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.config import Config
+from pipelines.config import Config, ConfigError
 from pipelines.console import say, step
 from pipelines.dataset.contract import SPLIT_COLUMNS, SPLITS, latest_version, read_manifest, dataset_root
 from pipelines.errors import PipelineError
@@ -84,9 +84,16 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
                     .withColumn("label_name", F.col("label"))
                     .withColumn("label", id_map.getItem(F.col("label_name")).cast("int"))
                     .withColumnRenamed("path", "source_path"))
+        if ic.skew_classes:
+            unknown = sorted(set(ic.skew_classes) - set(label_names))
+            if unknown:
+                raise ConfigError(f"ingest.skew_classes: {', '.join(unknown)} not among the labels found "
+                                  f"({', '.join(label_names)})")
+            assigned = prepare.skew_training_split(assigned, ic.skew_classes, ic.skew_fraction)
         per_class = {(r["split"], r["label_name"]): int(r["count"])
                      for r in assigned.groupBy("split", "label_name").count().collect()}
         train_counts = {name: per_class.get(("train", name), 0) for name in label_names}
+        left_out = n_unique - sum(per_class.values())  # by ingest.skew_classes
         if sum(train_counts.values()) == 0:
             raise PipelineError("the training split is empty: lower ingest.split.validation / ingest.split.test")
         weights = prepare.class_weights(train_counts, label_ids)
@@ -111,7 +118,7 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
                    lambda: staging.write(dd.duplicates, "duplicates", 1)])
         with step("ingest", "verifying the staged version") as s:
             manifest = verify_and_describe(spark, cfg, staging, spec, seen, cand, label_names, train_counts,
-                                           per_class, weights, mean, std)
+                                           per_class, weights, mean, std, left_out)
             s["note"] = (f"{manifest['counts']['rows']} rows + {manifest['counts']['quarantined']} quarantined + "
                          f"{manifest['counts']['duplicates_dropped']} duplicates = {seen} seen")
         previous = latest_version(cfg.paths.datasets_root, ic.name)
@@ -140,8 +147,9 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
 def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec: ImageSpec, seen: int,
                         cand: sources.Candidates, label_names: list[str], train_counts: dict[str, int],
                         per_class: dict[tuple[str, str], int], weights: dict[int, float],
-                        mean: list[float], std: list[float]) -> dict[str, Any]:
-    """Read the staged output back, check `rows + quarantined + duplicates == seen`, build the manifest."""
+                        mean: list[float], std: list[float], left_out: int = 0) -> dict[str, Any]:
+    """Read the staged output back, check `rows + quarantined + duplicates + left_out == seen` (left out: training
+    rows that ingest.skew_classes dropped), build the manifest."""
     written = {split: spark.read.parquet(staging.url(split)) for split in SPLITS}
     union = None
     for split in SPLITS:
@@ -161,9 +169,10 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
     rows = sum(int(r["originals"]) for r in split_rows)
     reasons = {r["reason"]: int(r["count"]) for r in reason_rows}
     quarantined = sum(reasons.values())
-    if rows + quarantined + duplicates != seen:
+    if rows + quarantined + duplicates + left_out != seen:
         raise PipelineError(f"count invariant broken: {rows} rows + {quarantined} quarantined + {duplicates} "
-                            f"duplicates != {seen} image files seen; nothing was published")
+                            f"duplicates + {left_out} left out by ingest.skew_classes != {seen} image files seen; "
+                            "nothing was published")
     row_groups = {split: parquet_row_groups(staging.path / split) for split in SPLITS}
     return {
         "name": cfg.ingest.name,
@@ -175,6 +184,7 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
         "labels": {"names": label_names, "ids": {n: i for i, n in enumerate(label_names)}},
         "counts": {
             "seen": seen, "rows": rows, "quarantined": quarantined, "duplicates_dropped": duplicates,
+            "left_out_by_skew": left_out,
             "skipped": cand.skipped, "quarantine_reasons": reasons,
             "splits": split_counts,
             "train_before_balance": sum(train_counts.values()),
@@ -183,6 +193,8 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
         "stats": {"mean": mean, "std": std, "computed_on": "train split before balancing, pixels scaled to [0,1]"},
         "class_weights": {str(k): v for k, v in weights.items()},
         "balance": cfg.ingest.balance,
+        "skew": {"classes": cfg.ingest.skew_classes, "fraction": cfg.ingest.skew_fraction} if cfg.ingest.skew_classes
+        else None,
         "source": cand.description,
         "config": cfg.to_dict()["ingest"],
         "content_digest": digest,

@@ -106,6 +106,15 @@ def class_weights(counts: dict[str, int], label_ids: dict[str, int]) -> dict[int
     return {label_ids[name]: (total / (k * counts[name]) if counts.get(name) else 0.0) for name in label_ids}
 
 
+def skew_training_split(assigned: DataFrame, classes: list[str], fraction: float) -> DataFrame:
+    """Keep only `fraction` of the training rows of `classes` (a deliberately imbalanced split for the FAQ's class
+    imbalance question), chosen by content hash so a rerun keeps the same rows; other splits are untouched."""
+    # a hash of its own: the split itself was drawn from the content hash, so its digits are not uniform within a split
+    keep = F.pmod(F.xxhash64("id", F.lit("skew")), F.lit(1_000_000)) < fraction * 1_000_000
+    cut = (F.col("split") == "train") & F.col("label_name").isin(classes)
+    return assigned.where(~cut | keep)
+
+
 def oversample(train: DataFrame, counts: dict[str, int]) -> DataFrame:
     """Repeat minority-class rows (keyed by `label_name`) until every class has about as many rows as the largest.
 

@@ -1,8 +1,8 @@
 """Keras (tf-keras, Keras 2) image classifiers: the classic MNIST CNN, LeNet-5, a small VGG and a small ResNet.
 
 Each model's input is the dataset's canonical uint8 H x W x C pixels; the first layers scale them to [0, 1]
-and standardize with the dataset's per-channel mean and std (from the manifest), so the saved model needs no
-outside preprocessing. The output is class probabilities in float32 (also under mixed precision).
+and standardize with the dataset's per-channel mean and std (from the manifest), or only scale, or leave them
+0-255 (`train.normalization`, the FAQ's "why normalize"), so the saved model needs no outside preprocessing. The output is class probabilities in float32 (also under mixed precision).
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ class ModelOptions:
     dropout: float = 0.25
     l2: float = 0.0
     width: float = 1.0
+    conv_blocks: int = 2
+    dense_layers: int = 1
+    normalization: str = "standardize"
 
 
 def _act(name: str) -> layers.Layer:
@@ -85,6 +88,20 @@ def vgg_small(x, opts: ModelOptions):
     return layers.Dropout(min(2 * opts.dropout, 0.9))(x)
 
 
+def plain_cnn(x, opts: ModelOptions):
+    """The FAQ's "how many layers" model: `conv_blocks` blocks of Conv-Conv-MaxPool (32, 64, 128, ... filters),
+    then `dense_layers` hidden Dense128 layers."""
+    for block in range(opts.conv_blocks):
+        for _ in range(2):
+            x = _act(opts.activation)(_conv(x, _w(32 * 2 ** block, opts), 3, opts, padding="same"))
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(opts.dropout)(x)
+    x = layers.Flatten()(x)
+    for _ in range(opts.dense_layers):
+        x = layers.Dropout(opts.dropout)(_act(opts.activation)(_dense(x, _w(128, opts), opts)))
+    return x
+
+
 def _residual(x, filters: int, stride: int, opts: ModelOptions):
     shortcut = x
     y = _conv(x, filters, 3, opts, strides=stride, padding="same", use_bias=False)
@@ -108,7 +125,7 @@ def small_resnet(x, opts: ModelOptions):
 
 
 MODELS: dict[str, Callable] = {"mnist_cnn": mnist_cnn, "lenet5": lenet5, "vgg_small": vgg_small,
-                                "small_resnet": small_resnet}
+                                "small_resnet": small_resnet, "plain_cnn": plain_cnn}
 
 
 def build_model(name: str, shape: tuple[int, int, int], num_classes: int, mean: list[float], std: list[float],
@@ -117,8 +134,10 @@ def build_model(name: str, shape: tuple[int, int, int], num_classes: int, mean: 
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r} (choose from {', '.join(MODELS)})")
     inputs = keras.Input(shape=shape, dtype="uint8", name="image")
-    x = layers.Rescaling(1.0 / 255.0, name="scale")(inputs)  # casts uint8 to the compute dtype
-    x = layers.Normalization(mean=mean, variance=[max(s, 1e-3) ** 2 for s in std], name="standardize")(x)
+    # Rescaling casts uint8 to the compute dtype; `raw` keeps the 0-255 range
+    x = layers.Rescaling(1.0 if opts.normalization == "raw" else 1.0 / 255.0, name="scale")(inputs)
+    if opts.normalization == "standardize":
+        x = layers.Normalization(mean=mean, variance=[max(s, 1e-3) ** 2 for s in std], name="standardize")(x)
     features = MODELS[name](x, opts)
     logits = layers.Dense(num_classes, name="logits")(features)
     probs = layers.Activation("softmax", dtype="float32", name="probabilities")(logits)

@@ -9,6 +9,7 @@ from typing import Any
 
 from pipelines.train import checkpoints as ck
 from pipelines.train.devices import process_cores, reader_threads, setup_devices
+from pipelines.train.losses import per_example_loss
 from pipelines.train.mlflow_logging import start_system_metrics
 from pipelines.train.spec import WorkerSpec, steps_per_epoch
 
@@ -42,7 +43,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     peak = t.learning_rate * (hvd.size() if t.scale_lr else 1)  # Horovod: scale the rate with the global batch
     lr, best = LearningRate(t.learning_rate, peak, t.schedule, t.epochs, t.warmup_epochs, steps), BestEpoch()
     history = replay(spec.resume.history, lr, best)
-    train_step, eval_step = compiled_steps(model, opt)
+    train_step, eval_step = compiled_steps(model, opt, per_example_loss(t, data.num_classes))
     feed = feed_options(spec, hvd, devices.own_cores)  # Horovod: each worker reads shard `rank` of `size`
     validation = ValidationFeed(data.validation_url, feed) if data.validation_url else None
     with split_dataset(data.train_url, feed, endless=True) as train_ds:
@@ -81,7 +82,9 @@ def new_model(spec: WorkerSpec):
 
     t, d = spec.train, spec.data
     return build_model(t.model, d.shape, d.num_classes, d.mean, d.std,
-                       ModelOptions(activation=t.activation, dropout=t.dropout, l2=t.l2, width=t.width))
+                       ModelOptions(activation=t.activation, dropout=t.dropout, l2=t.l2, width=t.width,
+                                    conv_blocks=t.conv_blocks, dense_layers=t.dense_layers,
+                                    normalization=t.normalization))
 
 
 def distributed_optimizer(spec: WorkerSpec, policy: str, variables: list, hvd):
@@ -110,17 +113,16 @@ def replay(history: list[dict[str, float]], lr, best) -> list[dict[str, float]]:
     return list(history)
 
 
-def compiled_steps(model, opt):
-    """The training step (weighted loss, one optimizer update) and the evaluation step (summed loss and hits)."""
+def compiled_steps(model, opt, loss_fn):
+    """The training step (weighted `loss_fn`, one optimizer update) and the evaluation step (summed cross-entropy
+    and hits, whatever loss trains)."""
     import tensorflow as tf
     import tf_keras as keras
-
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="none")
 
     def hits(y, probs):
         return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
 
-    @tf.function
+    @tf.function(autograph=False)  # nothing here branches on tensors; autograph would take seconds converting Keras
     def train_step(x, y, w):
         with tf.GradientTape() as tape:
             probs = model(x, training=True)
@@ -130,7 +132,7 @@ def compiled_steps(model, opt):
         opt.minimize(loss, model.trainable_variables, tape=tape)  # Horovod: allreduce inside compute_gradients
         return loss, hits(y, probs)
 
-    @tf.function
+    @tf.function(autograph=False)
     def eval_step(x, y):
         probs = model(x, training=False)
         losses = keras.losses.sparse_categorical_crossentropy(y, probs)

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from pipelines.config import ConfigError
 from pipelines.dataset.contract import SPLITS, latest_version, resolve_dataset
 from pipelines.errors import PipelineError
 from pipelines.ingest import job as ingest_job
@@ -163,3 +164,19 @@ def test_table_source_reads_a_csv_manifest(spark, cfg_factory, tree, tmp_path):
     assert out["counts"]["rows"] == 3
     assert out["counts"]["quarantine_reasons"] == {"missing_file": 1}
     assert json.loads(json.dumps(out))["version"] == "v0001"
+
+
+def test_a_skewed_ingest_cuts_the_named_classes_in_training_only(spark, cfg_factory, tmp_path):
+    src = write_idx_slice(tmp_path / "idx", train=2000, test=300)
+    plain = run_ingest(spark, cfg_factory(f"ingest.source.path={src}"))
+    skewed = run_ingest(spark, cfg_factory(f"ingest.source.path={src}", "ingest.name=skewed",
+                                           "ingest.skew_classes=[Shirt, Coat]", "ingest.skew_fraction=0.1"))
+    before, after = plain["counts"]["per_class"], skewed["counts"]["per_class"]
+    for name in ("Shirt", "Coat"):
+        assert 0 < after["train"][name] <= 0.2 * before["train"][name]
+    assert after["train"]["Bag"] == before["train"]["Bag"]
+    assert after["test"] == before["test"] and after["validation"] == before["validation"]
+    assert resolve_dataset(skewed["path"].rsplit("/", 2)[0], "skewed").manifest().data["skew"] == {
+        "classes": ["Shirt", "Coat"], "fraction": 0.1}
+    with pytest.raises(ConfigError, match="ingest.skew_classes: Shrit not among the labels"):
+        run_ingest(spark, cfg_factory(f"ingest.source.path={src}", "ingest.name=typo", "ingest.skew_classes=[Shrit]"))
