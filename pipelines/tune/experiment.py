@@ -211,6 +211,7 @@ def train_unit(client: Any, unit: Unit, spec: WorkerSpec, placement: Placement) 
     """One variant and seed: train, log the final scores, end the run; the history and scores, or the error."""
     from mlflow.entities import Metric
 
+    client.set_tag(unit.run_id, "started_ms", str(int(time.time() * 1000)))  # the run was made before it queued
     try:
         result = train_in_child(spec, lambda _metrics: False, placement, unit.score_urls)
     except Exception as exc:
@@ -227,7 +228,8 @@ def train_unit(client: Any, unit: Unit, spec: WorkerSpec, placement: Placement) 
 
 def unit_line(run: Any) -> str:
     """How one finished variant run reads on stderr."""
-    took = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else 0
+    began = int(run.data.tags.get("started_ms", run.info.start_time))
+    took = (run.info.end_time - began) / 1000 if run.info.end_time else 0
     m = run.data.metrics
     if run.info.status != "FINISHED":
         return f"{run.info.run_name}: {run.info.status} {run.data.tags.get('error', '')}"[:300]

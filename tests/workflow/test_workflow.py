@@ -34,6 +34,18 @@ def test_shipped_workflow_and_bundle_parse_with_the_databricks_job_model():
         assert kinds and all(t.task_key for t in parsed.tasks), key
     included = [p for pattern in bundle["include"] for p in ROOT.glob(pattern)]
     assert ROOT / "jobs/workflows/fashion_mnist.yaml" in included
+    assert ROOT / "jobs/workflows/tune_and_train.yaml" in included
+    for path in included:
+        for key, job in yaml.safe_load(path.read_text())["resources"]["jobs"].items():
+            assert all(t.task_key for t in Job.from_dict(job).tasks), key
+
+
+def test_the_tuning_workflow_hands_the_studys_best_yaml_to_train():
+    wf = load_workflow(ROOT / "jobs/workflows/tune_and_train.yaml")
+    assert wf.order() == ["ingest", "tune", "train", "evaluate", "infer"]
+    train = " ".join(wf.tasks["train"].parameters)
+    assert "--conf {{tasks.tune.values.best_yaml}}" in train
+    assert wf.tasks["tune"].python_file.name == "tune.py"
 
 
 @pytest.mark.parametrize("job, message", [
