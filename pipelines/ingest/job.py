@@ -10,7 +10,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.config import Config, ConfigError
+from pipelines.config import Config, ConfigError, IngestConfig
 from pipelines.console import say, step
 from pipelines.dataset.contract import SPLIT_COLUMNS, SPLITS, latest_version, read_manifest, dataset_root
 from pipelines.errors import PipelineError
@@ -77,19 +77,9 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     label_names = [n for n in (ic.source.label_names or present) if n in present] if ic.source.type == "idx" else \
         [n for n in (allowed or present) if n in present]
     label_ids = {name: i for i, name in enumerate(label_names)}
-    id_map = F.create_map(*[x for name, i in label_ids.items() for x in (F.lit(name), F.lit(i))])
 
     with step("ingest", "splitting, balancing and computing statistics") as s:
-        assigned = (prepare.assign_splits(unique, ic.split.validation, ic.split.test)
-                    .withColumn("label_name", F.col("label"))
-                    .withColumn("label", id_map.getItem(F.col("label_name")).cast("int"))
-                    .withColumnRenamed("path", "source_path"))
-        if ic.skew_classes:
-            unknown = sorted(set(ic.skew_classes) - set(label_names))
-            if unknown:
-                raise ConfigError(f"ingest.skew_classes: {', '.join(unknown)} not among the labels found "
-                                  f"({', '.join(label_names)})")
-            assigned = prepare.skew_training_split(assigned, ic.skew_classes, ic.skew_fraction)
+        assigned = labelled_splits(unique, ic, label_names)
         per_class = {(r["split"], r["label_name"]): int(r["count"])
                      for r in assigned.groupBy("split", "label_name").count().collect()}
         train_counts = {name: per_class.get(("train", name), 0) for name in label_names}
@@ -142,6 +132,22 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     return {"stage": "ingest", "dataset": f"{ic.name}/{version}", "name": ic.name, "version": version,
             "path": str(path), "unchanged": unchanged, "content_digest": manifest["content_digest"],
             "counts": manifest["counts"], "seconds": round(took, 1)}
+
+
+def labelled_splits(unique: DataFrame, ic: IngestConfig, label_names: list[str]) -> DataFrame:
+    """Unique rows with their split, label id and name; the training split skewed when ingest.skew_classes asks."""
+    id_map = F.create_map(*[x for i, name in enumerate(label_names) for x in (F.lit(name), F.lit(i))])
+    assigned = (prepare.assign_splits(unique, ic.split.validation, ic.split.test)
+                .withColumn("label_name", F.col("label"))
+                .withColumn("label", id_map.getItem(F.col("label_name")).cast("int"))
+                .withColumnRenamed("path", "source_path"))
+    if not ic.skew_classes:
+        return assigned
+    unknown = sorted(set(ic.skew_classes) - set(label_names))
+    if unknown:
+        raise ConfigError(f"ingest.skew_classes: {', '.join(unknown)} not among the labels found "
+                          f"({', '.join(label_names)})")
+    return prepare.skew_training_split(assigned, ic.skew_classes, ic.skew_fraction)
 
 
 def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec: ImageSpec, seen: int,
