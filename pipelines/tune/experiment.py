@@ -99,6 +99,9 @@ def run_experiment(spark: SparkSession, cfg: Config, name: str, user_keys: tuple
     cfg = overlay(cfg, {k: v for k, v in exp.settings.items() if k not in user_keys}, str(exp.path))
     for label, values in exp.variants.items():
         overlay(cfg, values, f"{exp.path} variant {label}")  # every variant is valid before anything runs
+    if len(set(cfg.tune.seeds)) < 2:
+        raise ConfigError(f"tune.seeds: an experiment trains every variant with at least 2 seeds, so its table shows "
+                          f"the noise; got {cfg.tune.seeds}")
     check_task_slots(spark, cfg.tune.parallelism)
     home = resolve_path(cfg.paths.studies_root) / f"experiment-{exp.name}"
     with tracking.run(cfg, "experiment", run_name=f"experiment {exp.name}",
