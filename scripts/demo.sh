@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make demo: the whole pipeline on the embedded defaults (local Spark, 2 Horovod workers over Gloo, MLflow on
-# SQLite under ./var) as the Databricks-format workflow: ingest -> train -> evaluate (promotion gate) -> infer.
+# SQLite under ./var) as the Databricks-format workflow: ingest -> train -> evaluate (promotion gate)
+# -> infer when there is a champion.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONF="${1:-conf/local.yaml}"
@@ -20,7 +21,10 @@ print(f"test accuracy:     {ev['metrics']['accuracy']:.4f} on {ev['rows']} image
       f"(model version {ev['model_version']}: {ev['decision']})")
 print(f"dataset:           {t['ingest']['path']}")
 print(f"model:             {t['train']['model_uri']} (run {t['train']['run_id']})")
-print(f"predictions:       {t['infer']['output']} ({t['infer']['rows_scored']} rows)")
+if t.get("infer"):
+    print(f"predictions:       {t['infer']['output']} ({t['infer']['rows_scored']} rows)")
+else:
+    print(f"predictions:       none: {run['tasks']['infer'].get('reason', 'infer did not run')} (no champion yet)")
 print(f"workflow run:      {run['run_id']} (sparkvision workflow runs)")
 print(f"MLflow UI:         sparkvision ui --conf {sys.argv[2]}   (it prints the page of the training runs)")
 PY

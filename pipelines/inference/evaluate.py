@@ -162,4 +162,5 @@ def run_evaluate(spark: SparkSession, cfg: Config) -> dict[str, Any]:
             "split": split, "rows": n, "metrics": {"accuracy": acc, "top_k_accuracy": result["top_k_accuracy"],
                                                    **result["summary"]},
             "decision": gate["decision"], "reason": gate["reason"], "champion_version_before": champion_version,
+            "has_champion": gate["decision"] == CHAMPION or champion_version is not None,
             "champion_accuracy": champion_accuracy, "run_id": eval_run_id, "seconds": round(took, 1)}

@@ -14,7 +14,8 @@ from pipelines.workflow.runner import SUCCESS, WorkflowRunner, list_runs
 def _summary(record) -> dict:
     return {"stage": "workflow", "run_id": record.run_id, "job": record.job, "status": record.status,
             "tasks": {k: {"status": v.get("status"), "attempts": len(v.get("attempts", [])), "log": v.get("log"),
-                          "values": v.get("values", {})} for k, v in record.tasks.items()}}
+                          "values": v.get("values", {}), **({"reason": v["reason"]} if v.get("reason") else {})}
+                      for k, v in record.tasks.items()}}
 
 
 def workflow_command(args: argparse.Namespace, cfg: Config) -> int:
@@ -37,11 +38,13 @@ def workflow_command(args: argparse.Namespace, cfg: Config) -> int:
             say("workflow", f"run {record.run_id} {record.status}: stopped by {signal_name(received[0])}")
             return 128 + received[0]
         if record.status != SUCCESS:
-            bad = next((k for k, v in record.tasks.items() if v.get("status") not in (SUCCESS, "REUSED")), "?")
+            bad = next((k for k, v in record.tasks.items() if v.get("status") not in (SUCCESS, "REUSED", "EXCLUDED")),
+                       "?")
             say("workflow", f"run {record.run_id} {record.status}: task {bad!r} failed; log "
                             f"{record.tasks.get(bad, {}).get('log')}; repair with --from {bad}")
             return 1
-        say("workflow", f"run {record.run_id} SUCCESS")
+        skipped = [k for k, v in record.tasks.items() if v.get("status") == "EXCLUDED"]
+        say("workflow", f"run {record.run_id} SUCCESS" + (f" ({', '.join(skipped)} skipped)" if skipped else ""))
         return 0
     # schedule
     from pipelines.workflow.schedule import Scheduler

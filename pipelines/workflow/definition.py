@@ -6,6 +6,7 @@ Databricks would accept.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,14 @@ REF = re.compile(r"\{\{\s*([a-zA-Z0-9_.\-]+)\s*\}\}")
 
 
 @dataclass(frozen=True)
+class Condition:
+    """A condition_task: `left op right` once references are resolved; its outcome is "true" or "false"."""
+    left: str
+    op: str  # EQUAL_TO, NOT_EQUAL, GREATER_THAN, GREATER_THAN_OR_EQUAL, LESS_THAN, LESS_THAN_OR_EQUAL
+    right: str
+
+
+@dataclass(frozen=True)
 class Task:
     key: str
     depends_on: tuple[str, ...]
@@ -29,6 +38,9 @@ class Task:
     max_retries: int
     min_retry_interval_ms: int
     timeout_seconds: int
+    condition: Condition | None = None  # condition_task: evaluated by the runner, no process
+    outcomes: tuple[tuple[str, str], ...] = ()  # (dependency, the outcome it must have had) for depends_on.outcome
+    run_if: str = "ALL_SUCCESS"
 
 
 @dataclass(frozen=True)
@@ -98,25 +110,16 @@ def load_workflow(path: str | Path) -> Workflow:
     for t in job.tasks or []:
         if t.task_key in tasks:
             raise ConfigError(f"{path}: duplicate task_key {t.task_key!r}")
-        if t.spark_python_task:
-            py, params, entry = (path.parent / t.spark_python_task.python_file).resolve(), t.spark_python_task.parameters, None
-        elif t.python_wheel_task:
-            py, params, entry = None, t.python_wheel_task.parameters, t.python_wheel_task.entry_point
-        else:
-            raise ConfigError(f"{path}: task {t.task_key!r}: only spark_python_task and python_wheel_task run locally")
-        if py is not None and not py.is_file():
-            raise ConfigError(f"{path}: task {t.task_key!r}: python_file {py} not found")
-        tasks[t.task_key] = Task(
-            key=t.task_key, depends_on=tuple(d.task_key for d in (t.depends_on or [])), python_file=py,
-            entry_point=entry, parameters=tuple(str(p) for p in (params or [])),
-            max_retries=int(t.max_retries or 0), min_retry_interval_ms=int(t.min_retry_interval_millis or 0),
-            timeout_seconds=int(t.timeout_seconds or 0))
+        tasks[t.task_key] = _task(t, path)
     if not tasks:
         raise ConfigError(f"{path}: the job has no tasks")
     for t in tasks.values():
         for d in t.depends_on:
             if d not in tasks:
                 raise ConfigError(f"{path}: task {t.key!r} depends on unknown task {d!r}")
+        for d, _ in t.outcomes:
+            if tasks[d].condition is None:
+                raise ConfigError(f"{path}: task {t.key!r} asks for an outcome of {d!r}, which is not a condition_task")
     params = {p.name: str(p.default) for p in (job.parameters or [])}
     wf = Workflow(key=key, name=str(job.name or key), path=path.resolve(), tasks=tasks, parameters=params,
                   cron=job.schedule.quartz_cron_expression if job.schedule else None,
@@ -124,6 +127,35 @@ def load_workflow(path: str | Path) -> Workflow:
                   max_concurrent_runs=int(job.max_concurrent_runs or 1))
     wf.order()  # cycles are errors now, not at run time
     return wf
+
+
+def _task(t: Any, path: Path) -> Task:
+    """One validated task of the Databricks job model as the local runner runs it."""
+    condition = None
+    if t.spark_python_task:
+        py, params, entry = (path.parent / t.spark_python_task.python_file).resolve(), t.spark_python_task.parameters, None
+    elif t.python_wheel_task:
+        py, params, entry = None, t.python_wheel_task.parameters, t.python_wheel_task.entry_point
+    elif t.condition_task:
+        c = t.condition_task
+        py, params, entry = None, [], None
+        condition = Condition(str(c.left), _enum_value(c.op), str(c.right))
+    else:
+        raise ConfigError(f"{path}: task {t.task_key!r}: only spark_python_task, python_wheel_task and condition_task "
+                          "run locally")
+    if py is not None and not py.is_file():
+        raise ConfigError(f"{path}: task {t.task_key!r}: python_file {py} not found")
+    deps = t.depends_on or []
+    return Task(key=t.task_key, depends_on=tuple(d.task_key for d in deps), python_file=py, entry_point=entry,
+                parameters=tuple(str(p) for p in (params or [])), max_retries=int(t.max_retries or 0),
+                min_retry_interval_ms=int(t.min_retry_interval_millis or 0),
+                timeout_seconds=int(t.timeout_seconds or 0), condition=condition,
+                outcomes=tuple((d.task_key, str(d.outcome).lower()) for d in deps if d.outcome),
+                run_if=_enum_value(t.run_if) if t.run_if else "ALL_SUCCESS")
+
+
+def _enum_value(v: Any) -> str:
+    return str(getattr(v, "value", v))
 
 
 def substitute(text: str, job_params: dict[str, str], values: dict[str, dict[str, Any]]) -> str:
@@ -136,6 +168,7 @@ def substitute(text: str, job_params: dict[str, str], values: dict[str, dict[str
             task_values = values.get(ref[1])
             if task_values is None or ref[3] not in task_values:
                 raise KeyError(f"{m.group(0)}: task {ref[1]!r} set no value {ref[3]!r}")
-            return str(task_values[ref[3]])
+            value = task_values[ref[3]]
+            return json.dumps(value) if isinstance(value, bool) or value is None else str(value)  # true, not True
         raise KeyError(f"{m.group(0)}: unknown reference")
     return REF.sub(one, text)

@@ -22,8 +22,42 @@ from pipelines.environment import child_env
 from pipelines.spark import QUIET_LOG4J_OPTION
 from pipelines.workflow.definition import Task, Workflow, substitute
 
-SUCCESS, FAILED, TIMED_OUT, UPSTREAM_FAILED, CANCELLED, REUSED = (
-    "SUCCESS", "FAILED", "TIMEDOUT", "UPSTREAM_FAILED", "CANCELLED", "REUSED")
+SUCCESS, FAILED, TIMED_OUT, UPSTREAM_FAILED, CANCELLED, REUSED, EXCLUDED = (
+    "SUCCESS", "FAILED", "TIMEDOUT", "UPSTREAM_FAILED", "CANCELLED", "REUSED", "EXCLUDED")
+SUCCEEDED = (SUCCESS, REUSED)
+NOT_RUN_BY_CHOICE = (EXCLUDED,)  # a condition's other branch, or a run_if not met: not a failure
+
+
+def run_if_verdict(run_if: str, deps: dict[str, str], outcomes_met: bool) -> tuple[str, str] | None:
+    """Whether a task runs given its dependencies' statuses (Databricks' run_if), or the status it gets instead
+    and why. A dependency on a condition's other outcome excludes the task."""
+    if not outcomes_met:
+        return EXCLUDED, "a condition it depends on had the other outcome"
+    ok = [k for k, v in deps.items() if v in SUCCEEDED]
+    excluded = [k for k, v in deps.items() if v in NOT_RUN_BY_CHOICE]
+    bad = [k for k in deps if k not in ok and k not in excluded]
+    runs = {"ALL_SUCCESS": len(ok) == len(deps), "AT_LEAST_ONE_SUCCESS": bool(ok) or not deps,
+            "NONE_FAILED": not bad and (bool(ok) or not deps), "ALL_DONE": True,
+            "AT_LEAST_ONE_FAILED": bool(bad), "ALL_FAILED": bool(deps) and len(bad) == len(deps)}[run_if]
+    if runs:
+        return None
+    if bad and run_if in ("ALL_SUCCESS", "AT_LEAST_ONE_SUCCESS", "NONE_FAILED"):
+        return UPSTREAM_FAILED, f"upstream {', '.join(bad)} did not succeed"
+    return EXCLUDED, f"run_if {run_if} not met ({', '.join(f'{k} {v}' for k, v in deps.items())})"
+
+
+def condition_outcome(left: str, op: str, right: str) -> bool:
+    """Databricks' condition_task: EQUAL_TO / NOT_EQUAL compare the strings; the others compare numbers."""
+    if op == "EQUAL_TO":
+        return left == right
+    if op == "NOT_EQUAL":
+        return left != right
+    try:
+        a, b = float(left), float(right)
+    except ValueError:
+        raise ValueError(f"{op} needs numbers, got {left!r} and {right!r}") from None
+    return {"GREATER_THAN": a > b, "GREATER_THAN_OR_EQUAL": a >= b, "LESS_THAN": a < b,
+            "LESS_THAN_OR_EQUAL": a <= b}[op]
 
 
 def now() -> str:
@@ -174,6 +208,57 @@ class WorkflowRunner:
                     continue
         return {}
 
+    def _blocked(self, task: Task, record: RunRecord) -> tuple[str, str] | None:
+        deps = {d: record.tasks.get(d, {}).get("status") for d in task.depends_on}
+        met = all(record.tasks.get(d, {}).get("outcome") == want for d, want in task.outcomes)
+        return run_if_verdict(task.run_if, deps, met)
+
+    def _decide(self, task: Task, entry: dict[str, Any], values: dict[str, dict[str, Any]]) -> None:
+        """A condition_task: resolve both sides, compare, record the outcome (no process)."""
+        c = task.condition
+        try:
+            left, right = (substitute(x, self.wf.parameters, values) for x in (c.left, c.right))
+            outcome = "true" if condition_outcome(left, c.op, right) else "false"
+        except (KeyError, ValueError) as exc:
+            entry.update(status=FAILED, ended=now(), error=str(exc))
+            say("workflow", f"{task.key}: FAILED: {exc}")
+            return
+        entry.update(status=SUCCESS, ended=now(), outcome=outcome, condition=f"{left!r} {c.op} {right!r}")
+        values[task.key] = entry["values"] = {"outcome": outcome}
+        say("workflow", f"{task.key}: {outcome} ({left!r} {c.op} {right!r})")
+
+    def _run_attempts(self, task: Task, entry: dict[str, Any], values: dict[str, dict[str, Any]], run_dir: Path,
+                      record: RunRecord) -> None:
+        """Run a task's process, retried up to max_retries; its status and, on success, its values."""
+        key = task.key
+        timeout = task.timeout_seconds or self.cfg.workflow.default_timeout_seconds
+        status = FAILED
+        for attempt in range(task.max_retries + 1):
+            if attempt and task.min_retry_interval_ms:
+                time.sleep(task.min_retry_interval_ms / 1000)
+            n = len(entry["attempts"]) + 1
+            log = run_dir / f"{key}.attempt{n}.log"
+            try:
+                cmd = self.command(task, values)
+            except KeyError as exc:
+                log.write_text(f"[workflow] {exc}\n")
+                entry["attempts"].append({"attempt": n, "status": FAILED, "log": str(log), "error": str(exc)})
+                status = FAILED
+                break
+            t0 = time.monotonic()
+            status, code = self._attempt(cmd, log, timeout)
+            took = time.monotonic() - t0
+            entry["attempts"].append({"attempt": n, "status": status, "exit_code": code, "log": str(log),
+                                      "seconds": round(took, 1), "started": entry["started"], "ended": now()})
+            entry["log"] = str(log)
+            record.save(run_dir)
+            say("workflow", f"{key}: {status} in {took:.0f}s (attempt {n}) log {log}")
+            if status in (SUCCESS, CANCELLED):
+                break
+        entry.update(status=status, ended=now())
+        if status == SUCCESS:
+            values[key] = entry["values"] = self.task_values(Path(entry["log"]))
+
     def run(self, repair_from: str | None = None, trigger: str = "manual") -> RunRecord:
         """Run every task (or, with repair_from, that task and its dependents on the last run)."""
         base = runs_dir(self.cfg, self.wf.key)
@@ -187,7 +272,7 @@ class WorkflowRunner:
             record.status, record.ended = "RUNNING", None
             rerun = self.wf.downstream(repair_from)
             for key in self.wf.tasks:
-                if key not in rerun and record.tasks.get(key, {}).get("status") not in (SUCCESS, REUSED):
+                if key not in rerun and record.tasks.get(key, {}).get("status") not in (*SUCCEEDED, EXCLUDED):
                     raise ValueError(f"--from {repair_from}: upstream task {key!r} did not succeed in run "
                                      f"{record.run_id}; repair from it instead")
         else:
@@ -207,44 +292,22 @@ class WorkflowRunner:
                 entry["status"] = REUSED if entry.get("status") in (SUCCESS, REUSED) else entry.get("status")
                 say("workflow", f"{key}: reused from the earlier attempt")
                 continue
-            upstream_bad = [d for d in task.depends_on if record.tasks.get(d, {}).get("status") not in (SUCCESS, REUSED)]
-            if upstream_bad or self._cancel.is_set():
-                entry.update(status=CANCELLED if self._cancel.is_set() else UPSTREAM_FAILED,
-                             reason=f"upstream {', '.join(upstream_bad)} did not succeed" if upstream_bad else "cancelled")
+            blocked = self._blocked(task, record) if not self._cancel.is_set() else (CANCELLED, "cancelled")
+            if blocked:
+                entry.update(status=blocked[0], reason=blocked[1])
+                if blocked[0] == EXCLUDED:
+                    say("workflow", f"{key}: skipped ({blocked[1]})")
                 record.save(run_dir)
                 continue
             entry.update(status="RUNNING", started=now(), values={})
-            timeout = task.timeout_seconds or self.cfg.workflow.default_timeout_seconds
-            status = FAILED
-            for attempt in range(task.max_retries + 1):
-                if attempt and task.min_retry_interval_ms:
-                    time.sleep(task.min_retry_interval_ms / 1000)
-                n = len(entry["attempts"]) + 1
-                log = run_dir / f"{key}.attempt{n}.log"
-                try:
-                    cmd = self.command(task, values)
-                except KeyError as exc:
-                    log.write_text(f"[workflow] {exc}\n")
-                    entry["attempts"].append({"attempt": n, "status": FAILED, "log": str(log), "error": str(exc)})
-                    status = FAILED
-                    break
-                t0 = time.monotonic()
-                status, code = self._attempt(cmd, log, timeout)
-                took = time.monotonic() - t0
-                entry["attempts"].append({"attempt": n, "status": status, "exit_code": code, "log": str(log),
-                                          "seconds": round(took, 1), "started": entry["started"], "ended": now()})
-                entry["log"] = str(log)
-                record.save(run_dir)
-                say("workflow", f"{key}: {status} in {took:.0f}s (attempt {n}) log {log}")
-                if status in (SUCCESS, CANCELLED):
-                    break
-            entry.update(status=status, ended=now())
-            if status == SUCCESS:
-                values[key] = entry["values"] = self.task_values(Path(entry["log"]))
+            if task.condition is not None:
+                self._decide(task, entry, values)
+            else:
+                self._run_attempts(task, entry, values, run_dir, record)
             record.save(run_dir)
         statuses = {v.get("status") for v in record.tasks.values()}
         record.status = (CANCELLED if CANCELLED in statuses else
-                         FAILED if statuses - {SUCCESS, REUSED} else SUCCESS)
+                         FAILED if statuses - {*SUCCEEDED, *NOT_RUN_BY_CHOICE} else SUCCESS)
         record.ended = now()
         record.save(run_dir)
         return record

@@ -40,7 +40,7 @@ def test_evaluate_logs_metrics_and_promotes_the_first_model(spark, trained):
     _, _, first = trained
     out = run_evaluate(spark, cfg_of(trained))
     assert out["model_version"] == first["version"]
-    assert out["decision"] == "champion" and "no champion" in out["reason"]
+    assert out["decision"] == "champion" and "no champion" in out["reason"] and out["has_champion"] is True
     assert 0.5 < out["metrics"]["accuracy"] <= out["metrics"]["top_k_accuracy"] <= 1
     client = MlflowClient()
     run = client.get_run(out["run_id"])
@@ -70,6 +70,7 @@ def test_gate_refuses_a_model_below_threshold_and_one_that_does_not_beat_the_cha
     assert str(client.get_model_version_by_alias(name, "champion").version) == first["version"]  # the first test's
     below = run_evaluate(spark, cfg_of(trained, f"evaluate.model_uri={uri}", "evaluate.threshold=0.999"))
     assert below["decision"] == "challenger" and "below the threshold 0.9990" in below["reason"]
+    assert below["has_champion"] is True  # refused, but the first version is still champion: infer can run
     worse = run_evaluate(spark, cfg_of(trained, f"evaluate.model_uri={uri}", "evaluate.threshold=0.0"))
     assert worse["decision"] == "challenger"
     assert f"does not beat champion version {first['version']}" in worse["reason"]

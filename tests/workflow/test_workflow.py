@@ -12,7 +12,7 @@ import yaml
 
 from pipelines.config import ConfigError
 from pipelines.workflow.definition import load_workflow
-from pipelines.workflow.runner import WorkflowRunner, list_runs
+from pipelines.workflow.runner import WorkflowRunner, condition_outcome, list_runs, run_if_verdict
 from pipelines.workflow.schedule import quartz_to_cron
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ def test_shipped_workflow_and_bundle_parse_with_the_databricks_job_model():
     from databricks.bundles.jobs import Job
 
     wf = load_workflow(ROOT / "jobs/workflows/fashion_mnist.yaml")
-    assert wf.order() == ["ingest", "train", "evaluate", "infer"]
+    assert wf.order() == ["ingest", "train", "evaluate", "champion_exists", "infer"]
     assert wf.cron == "0 0 3 * * ?" and wf.timezone == "UTC"
     assert wf.tasks["train"].max_retries == 1 and wf.tasks["train"].timeout_seconds == 7200
     bundle = yaml.safe_load((ROOT / "databricks.yml").read_text())
@@ -42,7 +42,7 @@ def test_shipped_workflow_and_bundle_parse_with_the_databricks_job_model():
 
 def test_the_tuning_workflow_hands_the_studys_best_yaml_to_train():
     wf = load_workflow(ROOT / "jobs/workflows/tune_and_train.yaml")
-    assert wf.order() == ["ingest", "tune", "train", "evaluate", "infer"]
+    assert wf.order() == ["ingest", "tune", "train", "evaluate", "champion_exists", "infer"]
     train = " ".join(wf.tasks["train"].parameters)
     assert "--conf {{tasks.tune.values.best_yaml}}" in train
     assert wf.tasks["tune"].python_file.name == "tune.py"
@@ -229,3 +229,63 @@ def test_workflow_run_stopped_by_sigterm_stops_the_task_and_records_the_run_canc
     assert record["status"] == "CANCELLED" and record["tasks"]["slow"]["status"] == "CANCELLED"
     assert record["tasks"]["after"]["status"] == "CANCELLED"
     assert subprocess.run(task_running, capture_output=True, text=True).stdout == ""  # stopped, not left running
+
+
+def condition(key, left, op, right, deps):
+    return {"task_key": key, "depends_on": [{"task_key": d} for d in deps],
+            "condition_task": {"left": left, "op": op, "right": right}}
+
+
+def on(key, params, dep, outcome, **kw):
+    return {"task_key": key, "depends_on": [{"task_key": dep, "outcome": outcome}],
+            "spark_python_task": {"python_file": "task.py", "parameters": params}, **kw}
+
+
+@pytest.mark.slow
+def test_a_condition_runs_one_branch_skips_the_other_and_the_run_succeeds(tmp_path, cfg_factory):
+    f = toy_workflow(tmp_path, [
+        task("first", ["yes"]),
+        condition("said_yes", "{{tasks.first.values.task}}", "EQUAL_TO", "yes", ["first"]),
+        on("on_true", ["on_true"], "said_yes", "true"),
+        on("on_false", ["on_false"], "said_yes", "false"),
+        task("after_false", ["after_false"], ["on_false"]),
+        task("cleanup", ["cleanup"], ["on_true", "on_false"], run_if="ALL_DONE"),
+        task("alert", ["alert"], ["first"], run_if="AT_LEAST_ONE_FAILED"),
+    ])
+    record = WorkflowRunner(cfg_factory("spark.master=local[1]"), load_workflow(f), [], []).run()
+    status = {k: v["status"] for k, v in record.tasks.items()}
+    assert status == {"first": "SUCCESS", "said_yes": "SUCCESS", "on_true": "SUCCESS", "on_false": "EXCLUDED",
+                      "after_false": "EXCLUDED", "cleanup": "SUCCESS", "alert": "EXCLUDED"}
+    assert record.status == "SUCCESS"
+    assert record.tasks["said_yes"]["outcome"] == "true"
+    assert "other outcome" in record.tasks["on_false"]["reason"]
+    assert not (tmp_path / "on_false.count").exists() and not (tmp_path / "alert.count").exists()  # never started
+
+
+def test_run_if_follows_the_databricks_rules():
+    ok, bad, skip = "SUCCESS", "FAILED", "EXCLUDED"
+    assert run_if_verdict("ALL_SUCCESS", {"a": ok, "b": ok}, True) is None
+    assert run_if_verdict("ALL_SUCCESS", {"a": ok, "b": bad}, True)[0] == "UPSTREAM_FAILED"
+    assert run_if_verdict("ALL_SUCCESS", {"a": ok, "b": skip}, True)[0] == "EXCLUDED"
+    assert run_if_verdict("AT_LEAST_ONE_SUCCESS", {"a": ok, "b": bad}, True) is None
+    assert run_if_verdict("NONE_FAILED", {"a": ok, "b": skip}, True) is None
+    assert run_if_verdict("NONE_FAILED", {"a": bad, "b": ok}, True)[0] == "UPSTREAM_FAILED"
+    assert run_if_verdict("ALL_DONE", {"a": bad, "b": skip}, True) is None
+    assert run_if_verdict("AT_LEAST_ONE_FAILED", {"a": ok, "b": "TIMEDOUT"}, True) is None
+    assert run_if_verdict("ALL_FAILED", {"a": ok, "b": bad}, True)[0] == "EXCLUDED"
+    assert run_if_verdict("ALL_DONE", {"a": ok}, False)[0] == "EXCLUDED"  # a condition's other outcome wins
+
+
+def test_conditions_compare_strings_or_numbers_as_databricks_does():
+    assert condition_outcome("champion", "EQUAL_TO", "champion")
+    assert condition_outcome("0.93", "GREATER_THAN_OR_EQUAL", "0.9")
+    assert not condition_outcome("10", "LESS_THAN", "9")
+    assert condition_outcome("true", "NOT_EQUAL", "false")
+    with pytest.raises(ValueError, match="GREATER_THAN needs numbers"):
+        condition_outcome("abc", "GREATER_THAN", "1")
+
+
+def test_an_outcome_asked_of_a_task_that_is_not_a_condition_is_refused(tmp_path):
+    f = toy_workflow(tmp_path, [task("first", ["x"]), on("second", ["y"], "first", "true")])
+    with pytest.raises(ConfigError, match="asks for an outcome of 'first', which is not a condition_task"):
+        load_workflow(f)
