@@ -17,11 +17,10 @@ from pipelines.config import CONF_DIR, Config, ConfigError, dataset_ref, overlay
 from pipelines.console import say
 from pipelines.dataset.contract import resolve_dataset
 from pipelines.errors import PipelineError
-from pipelines.signals import on_stop, stop_requested
 from pipelines.train.launch import check_task_slots
 from pipelines.train.spec import TrainingData, WorkerSpec
 from pipelines.tune import report
-from pipelines.tune.progress import ChildRunPrinter, kill_running_children
+from pipelines.tune.progress import watching_children
 from pipelines.tune.study import local_slots, study_data, trial_config
 from pipelines.tune.trial import Placement, train_in_child
 
@@ -113,18 +112,9 @@ def run_experiment(spark: SparkSession, cfg: Config, name: str, user_keys: tuple
         say("experiment", f"{exp.name}: {len(exp.variants)} variant(s) x {len(cfg.tune.seeds)} seed(s), "
                           f"{cfg.tune.epochs} epoch(s) each on {units[0].data.train_rows} training rows, "
                           f"{cfg.tune.parallelism} at a time (parent run {parent_id})")
-        printer = ChildRunPrinter(client, exp_id, parent_id, "experiment", unit_line)
-        printer.start()
-        on_stop("experiment", spark.sparkContext.cancelAllJobs)
-        try:
+        with watching_children(spark, client, exp_id, parent_id, "experiment", unit_line):
             results = run_units(spark, units, cfg.tune.parallelism, local_slots(spark, cfg.tune.parallelism),
                                 tracking.tracking_uri(cfg), str(home / "runs"))
-        except BaseException:
-            if stop_requested():
-                kill_running_children(client, exp_id, parent_id)
-            raise
-        finally:
-            printer.stop()
         failed = [u for u in units if "error" in results[u.run_id]]
         if len(failed) == len(units):
             raise PipelineError(f"every run of experiment {exp.name} failed; the first: "

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pipelines.console import say
-from pipelines.signals import signal_name, stop_requested
+from pipelines.signals import on_stop, signal_name, stop_requested
 
 TERMINAL = ("FINISHED", "KILLED", "FAILED")
 
@@ -58,3 +58,21 @@ def kill_running_children(client: Any, exp_id: str, parent_id: str) -> None:
     for run in child_runs(client, exp_id, parent_id, "RUNNING"):
         client.set_tag(run.info.run_id, "error", f"stopped by {signal_name(stop_requested())}")
         client.set_terminated(run.info.run_id, status="KILLED")
+
+
+@contextlib.contextmanager
+def watching_children(spark: Any, client: Any, exp_id: str, parent_id: str, stage: str, line: Callable[[Any], str],
+                      earlier: set[str] = frozenset()) -> Iterator[ChildRunPrinter]:
+    """While the block runs the children (Spark tasks), print a line as each ends; a stop signal cancels the Spark
+    jobs at once, and no child is left RUNNING after it."""
+    printer = ChildRunPrinter(client, exp_id, parent_id, stage, line, earlier)
+    printer.start()
+    on_stop(stage, spark.sparkContext.cancelAllJobs)
+    try:
+        yield printer
+    except BaseException:
+        if stop_requested():
+            kill_running_children(client, exp_id, parent_id)
+        raise
+    finally:
+        printer.stop()

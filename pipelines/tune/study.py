@@ -16,13 +16,13 @@ from pipelines.console import say
 from pipelines.dataset.contract import DatasetVersion, resolve_dataset
 from pipelines.environment import is_verbose
 from pipelines.errors import PipelineError
-from pipelines.signals import on_stop, stop_requested
+from pipelines.signals import stop_requested
 from pipelines.train.launch import check_task_slots
 from pipelines.train.spec import TrainingData, WorkerSpec, training_data
 from pipelines.tune import report
 from pipelines.tune.space import Param, parse_space, suggest
 from pipelines.tune.subset import stratified_subset
-from pipelines.tune.progress import TERMINAL, ChildRunPrinter, child_runs, kill_running_children
+from pipelines.tune.progress import TERMINAL, child_runs, watching_children
 from pipelines.tune.trial import Placement, TrialStopped, train_in_child
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ def objective(setup: TrialSetup):
 
         def on_epoch(m: dict[str, float]) -> bool:
             trial.report(m["val_accuracy"], int(m["epoch"]))
-            return trial.should_prune()
+            last = int(m["epoch"]) + 1 >= setup.cfg.tune.epochs  # its work is done: a result, not a prune
+            return not last and trial.should_prune()
 
         task = TaskContext.get()
         client.set_tag(trial._trial_id, "spark_task", f"{task.stageId()}.{task.partitionId()}" if task else "driver")
@@ -117,18 +118,14 @@ def run_tune(spark: SparkSession, cfg: Config) -> dict[str, Any]:
                 f"{tc.trials} trial(s), {tc.parallelism} at a time, {tc.epochs} epoch(s) each on {data.train_rows} "
                 f"training rows of {ds.ref}; searching {', '.join(p.key for p in params)}")
     earlier = {r.info.run_id for r in child_runs(client, exp_id, study_id)}
-    printer = ChildRunPrinter(client, exp_id, study_id, "tune", trial_line, earlier)
-    printer.start()
-    on_stop("tune", spark.sparkContext.cancelAllJobs)  # stop the trials' Spark tasks at once
     try:
-        study.optimize(objective(setup), n_trials=tc.trials, n_jobs=tc.parallelism,
-                       timeout=tc.timeout_s or None, catch=(Exception,))
+        with watching_children(spark, client, exp_id, study_id, "tune", trial_line, earlier) as printer:
+            study.optimize(objective(setup), n_trials=tc.trials, n_jobs=tc.parallelism,
+                           timeout=tc.timeout_s or None, catch=(Exception,))
     except BaseException:
         if stop_requested():
-            end_stopped_study(client, exp_id, study_id)
+            client.set_terminated(study_id, status="KILLED")
         raise
-    finally:
-        printer.stop()
     return finish_study(client, cfg, name, study_id, exp_id, printer.new_runs(), study_dir, started)
 
 
@@ -185,13 +182,6 @@ def trial_line(run: Any) -> str:
     else:
         outcome = f"FAILED: {run.data.tags.get('error', 'see the run')}"[:300]
     return f"trial {number}: {outcome} in {took:.0f}s ({values})"
-
-
-def end_stopped_study(client: Any, exp_id: str, study_id: str) -> None:
-    """After SIGTERM/Ctrl-C: once Spark has killed the trials' Python workers (their training processes die with
-    them), no trial and not the study is left RUNNING."""
-    kill_running_children(client, exp_id, study_id)
-    client.set_terminated(study_id, status="KILLED")
 
 
 def finish_study(client: Any, cfg: Config, name: str, study_id: str, exp_id: str, new_runs: list[Any],

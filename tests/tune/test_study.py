@@ -35,7 +35,7 @@ def trial_runs(client, parent_id):
 def test_a_study_prunes_a_clearly_worse_trial_and_writes_a_best_yaml_that_train_loads(spark, slice_data):
     root, overrides = slice_data
     cfg = make_config(root, *overrides, *tune_overrides(
-        "prune", "tune.trials=2", "tune.parallelism=1", "tune.pruner.startup_trials=1",
+        "prune", "tune.trials=2", "tune.epochs=2", "tune.parallelism=1", "tune.pruner.startup_trials=1",
         "tune.pruner.warmup_epochs=0", f"tune.enqueue={json.dumps([GOOD, BAD])}"))
     out = run_tune(spark, cfg)
     client = mlflow.MlflowClient()
