@@ -16,7 +16,7 @@ from pipelines.console import say
 from pipelines.dataset.contract import DatasetVersion, resolve_dataset
 from pipelines.environment import is_verbose
 from pipelines.errors import PipelineError
-from pipelines.signals import stop_requested
+from pipelines.signals import signal_name, stop_requested
 from pipelines.train.launch import check_task_slots
 from pipelines.train.spec import TrainingData, WorkerSpec, training_data
 from pipelines.tune import report
@@ -122,9 +122,10 @@ def run_tune(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         with watching_children(spark, client, exp_id, study_id, "tune", trial_line, earlier) as printer:
             study.optimize(objective(setup), n_trials=tc.trials, n_jobs=tc.parallelism,
                            timeout=tc.timeout_s or None, catch=(Exception,))
-    except BaseException:
-        if stop_requested():
-            client.set_terminated(study_id, status="KILLED")
+    except BaseException as exc:
+        client.set_tag(study_id, "error", f"stopped by {signal_name(stop_requested())}" if stop_requested()
+                       else f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(study_id, status="KILLED" if stop_requested() else "FAILED")
         raise
     return finish_study(client, cfg, name, study_id, exp_id, printer.new_runs(), study_dir, started)
 
