@@ -47,8 +47,12 @@ def test_the_ui_serves_the_store_and_a_stop_ends_every_process_it_started(tmp_pa
     while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in started) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    with socket.socket() as s:  # the port is free again
+    with socket.socket() as s:  # the port is free again: nothing listens on it
+        # SO_REUSEADDR, as every server sets it: the connection the health check made may linger in TIME_WAIT on the
+        # server's side, which refuses a plain bind though no process holds the port (seen once in CI)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+        s.listen()
 
 
 def test_a_taken_port_is_one_sentence(tmp_path):
