@@ -151,10 +151,13 @@ def make_units(spark: SparkSession, client: Any, base: Config, cfg: Config, exp:
     """One child run per variant and seed, each with its data (subset when tune.max_train_rows) and config."""
     import mlflow
 
-    units, datasets = [], {}
+    units, datasets, ingested = [], {}, {}
     for label, values in exp.variants.items():
         vcfg = overlay(cfg, values, f"{exp.path} variant {label}")
-        ds = variant_dataset(spark, base, vcfg)
+        recipe = json.dumps(vcfg.to_dict()["ingest"], sort_keys=True)
+        if recipe not in ingested:  # variants that share an ingest config share one ingest, not one each
+            ingested[recipe] = variant_dataset(spark, base, vcfg)
+        ds = ingested[recipe]
         if ds.ref not in datasets:
             datasets[ds.ref] = study_data(spark, vcfg, ds, data_home)
         scores = {"train": datasets[ds.ref].train_url, "test": ds.split_path("test").as_uri()}

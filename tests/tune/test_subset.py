@@ -28,6 +28,8 @@ def test_a_subset_keeps_each_class_share_and_is_reused(spark, slice_data, tmp_pa
         assert abs(c["counts"] / table.num_rows - full[c["values"]] / data.train_rows) < 0.01
     ids = set(table.column("id").to_pylist())
     assert len(ids) == table.num_rows  # no row twice
+    written = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "sub").iterdir()}
     again = stratified_subset(spark, ds, data, 1000, 7, tmp_path / "sub", 300)
-    assert again == sub and (tmp_path / "sub" / "_subset.json").stat().st_mtime > 0
+    assert again == sub
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "sub").iterdir()} == written  # reused, not rewritten
     assert stratified_subset(spark, ds, data, 0, 7, tmp_path / "none", 300) == data  # 0: the whole split
