@@ -133,6 +133,7 @@ class TrainConfig:
     mixed_precision: Literal["auto", "on", "off", "float16", "bfloat16"]
     fp16_allreduce: bool = field(metadata=RESUMABLE)
     horovod_cycle_time_ms: Optional[float] = field(metadata=RESUMABLE)
+    max_restarts: int = field(metadata=RESUMABLE)
     timeout_s: int = field(metadata=RESUMABLE)
 
 
@@ -377,6 +378,7 @@ def _check_ranges(cfg: Config, origin: dict[str, str]) -> None:
         ("train.batch_size", cfg.train.batch_size >= 1, "at least 1"),
         ("train.cache_mb", cfg.train.cache_mb >= 0, "at least 0 (0 = stream every epoch)"),
         ("train.reader_threads", cfg.train.reader_threads >= 0, "at least 0 (0 = the cores per worker)"),
+        ("train.max_restarts", cfg.train.max_restarts >= 0, "at least 0 (0 = a lost worker fails the run)"),
         ("train.horovod_cycle_time_ms", cfg.train.horovod_cycle_time_ms is None or cfg.train.horovod_cycle_time_ms > 0,
          "greater than 0, or null"),
         ("train.learning_rate", cfg.train.learning_rate > 0, "positive"),

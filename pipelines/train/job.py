@@ -14,8 +14,9 @@ from pipelines.console import say
 from pipelines.dataset.contract import DatasetVersion, Manifest, resolve_dataset
 from pipelines.errors import PipelineError
 from pipelines.train import checkpoints as ck
-from pipelines.train.launch import check_task_slots, run_workers
+from pipelines.train.launch import check_task_slots
 from pipelines.train.mlflow_logging import log_final, log_model, log_resume, log_start
+from pipelines.train.restarts import run_workers_restarting
 from pipelines.train.spec import WorkerSpec, steps_per_epoch, training_data, worker_spec
 from pipelines.train.worker import train_worker
 
@@ -48,7 +49,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
             say("train", f"{'resuming' if resume else 'starting'} run {run_id}: {t.model} on {ds.ref}, "
                          f"{t.num_proc} Horovod worker(s), epochs {state.epoch + 1}..{t.epochs}, "
                          f"batch {t.batch_size}/worker, {t.optimizer} lr {t.learning_rate:g}")
-            results = run_workers(spark, worker_fn, spec, t)
+            results = run_workers_restarting(spark, worker_fn, spec)
             outcome = record_results(cfg, manifest, results)
     took = time.perf_counter() - started
     say("train", finished_line(cfg, run_id, outcome, took))

@@ -9,6 +9,7 @@ import sys
 import threading
 import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -18,7 +19,7 @@ from pipelines.config import ConfigError, TrainConfig
 from pipelines.console import say
 from pipelines.environment import child_env, is_verbose
 from pipelines.errors import PipelineError, first_line
-from pipelines.signals import SignalWatch, Stopped
+from pipelines.signals import SignalWatch, Stopped, signal_name
 from pipelines.spark import local_cores
 from pipelines.train import checkpoints as ck
 
@@ -63,16 +64,28 @@ def spark_thread_errors_to(out: WorkerOutput) -> Iterator[None]:
 
 _WORKER_LINE = re.compile(r"^\[(\d+)\]<stderr>:(.*)$")  # how Horovod forwards a line of rank N's stderr
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b")  # a traceback's last line
+_IDENTITY = re.compile(r"^sparkvision worker rank (\d+) of \d+ on (\S+) pid (\d+)$")  # train_worker's first line
 _SHUT_DOWN = "Horovod has been shut down"  # what the other workers' collectives raise once one worker has failed
 _START_TIMEOUT = "Timed out waiting for Spark tasks to start"
 
 
-def worker_exception(output: WorkerOutput, failure: str) -> str | None:
-    """The exception that ended the failing worker, from this launch's part of the worker log: the workers that
-    only saw Horovod shut down are casualties, not the cause; among the rest, the one Horovod names as the first
-    to exit (`Process name: N`), else the first in the log. None when no worker printed an exception."""
-    last: dict[str, str] = {}  # rank -> its last exception line (a traceback ends with the outermost)
-    casualties: set[str] = set()
+class WorkerLost(PipelineError):
+    """A Horovod worker died without an error of its own (killed, out of memory, its executor lost): training
+    itself did not fail, so a relaunch from the last checkpoint can go on."""
+
+
+@dataclass
+class LaunchLog:
+    """What this launch's part of the worker log says: each rank's last exception line, the ranks that only saw
+    Horovod shut down (casualties, not causes), and where each rank ran."""
+    last: dict[str, str] = field(default_factory=dict)
+    casualties: set[str] = field(default_factory=set)
+    where: dict[str, str] = field(default_factory=dict)
+
+
+def read_launch_log(output: WorkerOutput) -> LaunchLog:
+    """Parse this launch's lines of the worker log (earlier launches of a resumed run are skipped)."""
+    seen = LaunchLog()
     with open(output.path, "rb") as fh:
         fh.seek(output.start)
         for raw in fh:
@@ -81,23 +94,60 @@ def worker_exception(output: WorkerOutput, failure: str) -> str | None:
                 continue
             rank, text = line.groups()
             if _EXCEPTION.match(text):
-                last[rank] = text
+                seen.last[rank] = text
             if _SHUT_DOWN in text:
-                casualties.add(rank)
-    causes = [rank for rank in last if rank not in casualties] or list(last)
+                seen.casualties.add(rank)
+            if who := _IDENTITY.match(text.strip()):
+                seen.where[who.group(1)] = f"on {who.group(2)}, pid {who.group(3)}"
+    return seen
+
+
+def worker_exception(output: WorkerOutput, failure: str) -> str | None:
+    """The exception that ended the failing worker: among the ranks that were not casualties, the one Horovod
+    names as the first to exit (`Process name: N`), else the first in the log. None when no worker printed an
+    exception, or when the rank Horovod names printed none (it died)."""
+    seen = read_launch_log(output)
+    causes = [rank for rank in seen.last if rank not in seen.casualties]
     named = re.search(r"Process name: (\d+)", failure)
-    rank = named.group(1) if named and named.group(1) in causes else (causes[0] if causes else None)
-    return last[rank] if rank is not None else None
+    if named and named.group(1) not in seen.last and seen.last:
+        return None  # the first to exit died without an exception; the others' errors are its casualties
+    rank = named.group(1) if named and named.group(1) in causes else (causes or list(seen.last) or [None])[0]
+    return seen.last[rank] if rank is not None else None
 
 
-def launch_failure(exc: BaseException, output: WorkerOutput, workers: int, start_timeout: int) -> str:
-    """What stopped horovod.spark.run, in one line: too few task slots, or the failing worker's own exception."""
+def how_it_died(output: WorkerOutput, failure: str) -> str:
+    """The worker Horovod names as the first to exit, and how: its rank, host and pid, signal or exit code."""
+    named = re.search(r"Process name: (\d+)", failure)
+    code = re.search(r"Exit code: (-?\d+)", failure)
+    if not named:
+        return f"a Horovod worker was lost ({first_line_of(failure)})"
+    rank = named.group(1)
+    where = read_launch_log(output).where.get(rank, "")
+    how = "exited"
+    if code:
+        n = int(code.group(1))
+        signum = -n if n < 0 else n - 128 if n > 128 else 0
+        how = f"was killed by {signal_name(signum)} (exit code {n})" if signum else f"exited with code {n}"
+    return f"worker rank {rank} ({where}) {how}" if where else f"worker rank {rank} {how}"
+
+
+def first_line_of(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "no message"
+
+
+def launch_failure(exc: BaseException, output: WorkerOutput, workers: int, start_timeout: int) -> PipelineError:
+    """What stopped horovod.spark.run, in one line: too few task slots, the failing worker's own exception, or
+    (WorkerLost) the worker that died and how."""
     if _START_TIMEOUT in str(exc):
-        return (f"training could not start: Spark did not run {workers} tasks at once (one per Horovod worker) "
-                f"within train.timeout_s={start_timeout}s: the cluster needs train.num_proc={workers} free task "
-                f"slots; if its executors start on demand, raise train.timeout_s")
-    cause = worker_exception(output, str(exc)) or f"{type(exc).__name__}: {first_line(exc)}"
-    return f"training failed on a Horovod worker ({cause}); worker log: {output.path}"
+        return PipelineError(
+            f"training could not start: Spark did not run {workers} tasks at once (one per Horovod worker) within "
+            f"train.timeout_s={start_timeout}s: the cluster needs train.num_proc={workers} free task slots; if its "
+            f"executors start on demand, raise train.timeout_s")
+    cause = worker_exception(output, str(exc))
+    if cause is None:
+        return WorkerLost(f"training lost a Horovod worker: {how_it_died(output, str(exc))}; worker log: "
+                          f"{output.path}")
+    return PipelineError(f"training failed on a Horovod worker ({cause}); worker log: {output.path}")
 
 
 def epoch_line(m: dict[str, float], total_epochs: int) -> str:
@@ -181,7 +231,7 @@ def run_workers(spark: SparkSession, worker_fn: Callable[[Any], dict], spec: Any
             except Exception as exc:
                 if not signals.received():
                     out.flush()
-                    raise PipelineError(launch_failure(exc, out, t.num_proc, t.timeout_s)) from exc
+                    raise launch_failure(exc, out, t.num_proc, t.timeout_s) from exc
             if signals.received():  # Horovod's own handlers stopped the workers; stop here too
                 raise stopped(signals.received(), ckpt_dir, spec.run_id)
             return results

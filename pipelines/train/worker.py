@@ -25,6 +25,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
 
     t, data, ckpt_dir = spec.train, spec.data, Path(spec.checkpoint_dir)
     hvd.init()  # Horovod: join the other workers (Gloo rendezvous through the Spark driver)
+    say_where(hvd.rank(), hvd.size())
     ck.check_shared_storage([data.train_url, data.validation_url], ckpt_dir)  # before the first collective
     monitor = start_system_metrics(spec, hvd.rank())  # Horovod: every worker's CPU and memory, by rank
     devices = setup_devices(hvd, t.mixed_precision, t.bind_cores)
@@ -74,6 +75,16 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
         hvd_tf.allreduce(tf.zeros([]), name="sparkvision_done")
     monitor.finish()
     return result
+
+
+def say_where(rank: int, size: int) -> None:
+    """One line in the worker log, so that the driver can say which host and process a worker that dies was."""
+    import os
+    import socket
+    import sys
+
+    print(f"sparkvision worker rank {rank} of {size} on {socket.gethostname()} pid {os.getpid()}", file=sys.stderr,
+          flush=True)
 
 
 def new_model(spec: WorkerSpec):

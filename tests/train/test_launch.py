@@ -2,7 +2,8 @@
 import json
 
 from pipelines.environment import VERBOSE_VAR
-from pipelines.train.launch import EpochPrinter, WorkerOutput, epoch_line, worker_exception, worker_process_env
+from pipelines.train.launch import (EpochPrinter, WorkerLost, WorkerOutput, epoch_line, launch_failure,
+                                    worker_exception, worker_process_env)
 
 
 def test_the_reported_failure_is_the_cause_not_the_workers_horovod_shut_down(tmp_path):
@@ -20,6 +21,29 @@ def test_the_reported_failure_is_the_cause_not_the_workers_horovod_shut_down(tmp
     cause = worker_exception(out, "Process name: 0\nExit code: 1")
     assert cause == "OSError: [Errno 2] No such file or directory: '/data/x'"
     assert worker_exception(WorkerOutput(tmp_path / "empty.log"), "Process name: 0") is None
+
+
+def test_a_worker_that_died_is_named_by_rank_host_pid_and_signal_not_by_its_casualtys_error(tmp_path):
+    out = WorkerOutput(tmp_path / "workers.log")
+    out.write("[0]<stderr>:sparkvision worker rank 0 of 2 on node-a pid 101\n"
+              "[1]<stderr>:sparkvision worker rank 1 of 2 on node-b pid 202\n"
+              "[0]<stderr>:tensorflow.python.framework.errors_impl.UnknownError: Graph execution error:\n"
+              "[0]<stderr>:Horovod has been shut down. This was caused by an exception on one of the ranks\n")
+    out.flush()
+    horovod = RuntimeError("Horovod detected that one or more processes exited with non-zero status, thus causing "
+                           "the job to be terminated. The first process to do so was:\nProcess name: 1\nExit code: 137")
+    failure = launch_failure(horovod, out, 2, 600)
+    assert isinstance(failure, WorkerLost)
+    assert str(failure).startswith("training lost a Horovod worker: worker rank 1 (on node-b, pid 202) was killed by "
+                                   "SIGKILL (exit code 137); worker log: ")
+    # a worker's own exception is a failure of the training code: not WorkerLost, so not restarted
+    out.write("[1]<stderr>:ValueError: bad batch\n")
+    out.flush()
+    own = launch_failure(horovod, out, 2, 600)
+    assert not isinstance(own, WorkerLost) and "(ValueError: bad batch)" in str(own)
+    quiet = WorkerOutput(tmp_path / "other.log")  # no identity line, an exit code
+    lost = launch_failure(RuntimeError("...\nProcess name: 0\nExit code: 3"), quiet, 2, 600)
+    assert isinstance(lost, WorkerLost) and "worker rank 0 exited with code 3;" in str(lost)
 
 
 METRICS = {"epoch": 1, "loss": 0.5, "accuracy": 0.8, "lr": 0.002, "images_per_second": 2100.4,

@@ -1,6 +1,7 @@
 """Distributed training with real Horovod workers (Gloo) on a real local[2] SparkSession."""
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -140,6 +141,61 @@ def test_a_failing_worker_fails_the_run_without_hanging(spark, small):
         run_train(spark, cfg, worker_fn=failing_worker)
     runs = mlflow.search_runs(order_by=["start_time DESC"], max_results=1)
     assert runs.iloc[0]["status"] == "FAILED"
+
+
+def worker_killed_once_in_epoch_2(spec):
+    """Rank 1 SIGKILLs itself (as the OOM killer would: no handler, no exception) shortly into epoch 2, once."""
+    import signal
+    from pathlib import Path
+
+    import horovod.tensorflow as hvd
+
+    hvd.init()
+    marker, progress = Path(spec.checkpoint_dir).parent / "killed_once", Path(spec.checkpoint_dir) / "progress.jsonl"
+
+    def kill_after_epoch_1():
+        while not (progress.exists() and progress.read_text().count("\n") >= 1):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        marker.write_text(spec.run_id)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if hvd.rank() == 1 and not marker.exists():
+        threading.Thread(target=kill_after_epoch_1, daemon=True).start()
+    return train_worker(spec)
+
+
+def test_a_killed_worker_is_relaunched_from_the_last_checkpoint_in_the_same_run(spark, small, tmp_path, capsys):
+    cfg = cfg_for(small, "train.epochs=3", f"paths.checkpoints_root={tmp_path}/ck")
+    out = run_train(spark, cfg, worker_fn=worker_killed_once_in_epoch_2)
+    assert (tmp_path / "ck" / "killed_once").read_text() == out["run_id"]  # it was killed, in this run
+    assert out["epochs_run"] == 3 and out["weights_in_sync"] and out["metrics"]["val_accuracy"] > 0.3
+    client = mlflow.MlflowClient()
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert re.fullmatch(r"from epoch 2: worker rank 1 \(on \S+, pid \d+\) was killed by SIGKILL \(exit code 137\)",
+                        run.data.tags["restart_1"]), run.data.tags
+    assert [(m.step, m.value) for m in client.get_metric_history(out["run_id"], "restarts")] == [(1, 1.0)]
+    for key in ("loss", "val_accuracy"):  # every epoch logged once: none lost, none twice
+        assert sorted(m.step for m in client.get_metric_history(out["run_id"], key)) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert re.search(r"\[train\] worker rank 1 \(on \S+, pid \d+\) was killed by SIGKILL \(exit code 137\); "
+                     r"restart 1 of 2 from the checkpoint of epoch 1\n\[train\] epoch 2/3: ", err), err
+
+
+def test_with_restarts_off_a_killed_worker_fails_the_run_naming_it_and_resume_completes_it(spark, small, tmp_path):
+    cfg = cfg_for(small, "train.epochs=3", "train.max_restarts=0", f"paths.checkpoints_root={tmp_path}/ck")
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=r"training lost a Horovod worker: worker rank 1 \(on \S+, pid \d+\) "
+                                            r"was killed by SIGKILL \(exit code 137\); worker log: .*workers.log "
+                                            r"\(train.max_restarts=0\); continue with --resume \w+$") as lost:
+        run_train(spark, cfg, worker_fn=worker_killed_once_in_epoch_2)
+    assert time.monotonic() - started < 240  # detected and failed, not hung until a timeout
+    run_id = str(lost.value).rsplit(" ", 1)[-1]
+    assert mlflow.get_run(run_id).info.status == "FAILED"
+    resumed = run_train(spark, cfg, resume=run_id)
+    assert resumed["run_id"] == run_id and resumed["epochs_run"] == 3
+    assert sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "loss")) == [0, 1, 2]
 
 
 def worker_missing_the_checkpoints(spec):
