@@ -115,12 +115,13 @@ def worker_exception(output: WorkerOutput, failure: str) -> str | None:
     return seen.last[rank] if rank is not None else None
 
 
-def how_it_died(output: WorkerOutput, failure: str) -> str:
+def how_it_died(output: WorkerOutput, exc: BaseException) -> str:
     """The worker Horovod names as the first to exit, and how: its rank, host and pid, signal or exit code."""
+    failure = str(exc)
     named = re.search(r"Process name: (\d+)", failure)
     code = re.search(r"Exit code: (-?\d+)", failure)
     if not named:
-        return f"a Horovod worker was lost ({first_line_of(failure)})"
+        return f"a Horovod worker was lost ({type(exc).__name__}: {first_line(exc)})"
     rank = named.group(1)
     where = read_launch_log(output).where.get(rank, "")
     how = "exited"
@@ -129,10 +130,6 @@ def how_it_died(output: WorkerOutput, failure: str) -> str:
         signum = -n if n < 0 else n - 128 if n > 128 else 0
         how = f"was killed by {signal_name(signum)} (exit code {n})" if signum else f"exited with code {n}"
     return f"worker rank {rank} ({where}) {how}" if where else f"worker rank {rank} {how}"
-
-
-def first_line_of(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else "no message"
 
 
 def launch_failure(exc: BaseException, output: WorkerOutput, workers: int, start_timeout: int) -> PipelineError:
@@ -145,7 +142,7 @@ def launch_failure(exc: BaseException, output: WorkerOutput, workers: int, start
             f"executors start on demand, raise train.timeout_s")
     cause = worker_exception(output, str(exc))
     if cause is None:
-        return WorkerLost(f"training lost a Horovod worker: {how_it_died(output, str(exc))}; worker log: "
+        return WorkerLost(f"training lost a Horovod worker: {how_it_died(output, exc)}; worker log: "
                           f"{output.path}")
     return PipelineError(f"training failed on a Horovod worker ({cause}); worker log: {output.path}")
 
