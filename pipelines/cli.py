@@ -12,6 +12,7 @@ from pipelines.console import emit_result, quiet_libraries
 from pipelines.environment import is_verbose
 from pipelines.errors import PipelineError, first_line
 from pipelines.signals import Stopped, stop_on_signals, stop_requested
+from pipelines.secrets import redact, redacted_dict
 
 # Job name -> "module:function(spark, cfg, **options) -> dict". Imported only when run.
 JOBS = {
@@ -120,7 +121,7 @@ def _run_other(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _stopped(exc: Stopped) -> int:
-    print(exc, file=sys.stderr)
+    print(redact(str(exc)), file=sys.stderr)
     return exc.exit_code
 
 
@@ -139,20 +140,20 @@ def _run_command(args: argparse.Namespace) -> int:
             from pipelines.tracking import dump_yaml
 
             print(f"# merged from: {', '.join(cfg.sources)}" + (" and --set" if args.overrides else ""))
-            print(dump_yaml(cfg.to_dict()), end="")
+            print(dump_yaml(redacted_dict(cfg.to_dict())), end="")
             return 0
         if args.command in JOBS:
             return _run_job(args.command, cfg, args)
         return _run_other(args, cfg)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        print(redact(f"config error: {exc}"), file=sys.stderr)
         return 2
     except PipelineError as exc:
         if stop_requested():
             return _stopped(Stopped(stop_requested()))
         if is_verbose():
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact(f"error: {exc}"), file=sys.stderr)
         return 1
     except Stopped as exc:
         return _stopped(exc)
@@ -164,7 +165,7 @@ def _run_command(args: argparse.Namespace) -> int:
             return _stopped(Stopped(stop_requested()))
         if is_verbose():
             traceback.print_exc()
-        print(f"error: {type(exc).__name__}: {first_line(exc)} (rerun with --verbose for the traceback)",
+        print(redact(f"error: {type(exc).__name__}: {first_line(exc)} (rerun with --verbose for the traceback)"),
               file=sys.stderr)
         return 1
 

@@ -11,6 +11,7 @@ import warnings
 from typing import Any, Iterator
 
 from pipelines.environment import is_verbose, set_verbose
+from pipelines.secrets import redact
 
 
 def quiet_libraries(verbose: bool) -> None:
@@ -44,7 +45,7 @@ def hush() -> Iterator[None]:
 
 def say(stage: str, message: str) -> None:
     """One readable line on stderr, so stdout's last line stays the JSON result."""
-    print(f"[{stage}] {message}", file=sys.stderr, flush=True)
+    print(redact(f"[{stage}] {message}"), file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -60,4 +61,4 @@ def step(stage: str, what: str) -> Iterator[dict[str, Any]]:
 
 def emit_result(result: dict[str, Any]) -> None:
     """The job's last stdout line: one JSON object with its outputs, for workflows and scripts."""
-    print(json.dumps(result, default=str, sort_keys=True), flush=True)
+    print(redact(json.dumps(result, default=str, sort_keys=True)), flush=True)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 
 VERBOSE_VAR = "SPARKVISION_VERBOSE"
+# set by the workflow runner: a file, one per task of a workflow run, kept across the task's attempts, where a job
+# records the MLflow run it works on, so that a retry goes on with that run (train resumes it) instead of starting over
+TASK_RUN_FILE_VAR = "SPARKVISION_TASK_RUN_FILE"
 REQUIRED = {"TF_USE_LEGACY_KERAS": "1"}
 
 

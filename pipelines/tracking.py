@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import yaml
 
 from pipelines.config import Config, overlay_name, resolve_path
+from pipelines.secrets import redact, redacted_dict
 from pipelines.signals import Stopped, signal_name, stop_requested
 
 
@@ -69,7 +70,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_params(cfg: Config, sections: tuple[str, ...]) -> dict[str, str]:
     """The given config sections as MLflow params: dotted keys, values as strings (MLflow keeps 500 characters)."""
-    data = cfg.to_dict()
+    data = redacted_dict(cfg.to_dict())
     return {k: str(v)[:500] for k, v in flatten({s: data[s] for s in sections}).items()}
 
 
@@ -78,7 +79,7 @@ def log_config(cfg: Config, sections: tuple[str, ...]) -> None:
     import mlflow
 
     mlflow.log_params(config_params(cfg, sections))
-    mlflow.log_dict(cfg.to_dict(), "config.yaml")
+    mlflow.log_dict(redacted_dict(cfg.to_dict()), "config.yaml")
 
 
 def git_commit() -> str:
@@ -108,7 +109,7 @@ def run(cfg: Config, name: str, run_id: str | None = None, tags: dict[str, str] 
             mlflow.set_tag("error", str(exc) if isinstance(exc, Stopped) else f"stopped by {signal_name(signum)}")
             mlflow.end_run(status="KILLED")
         else:
-            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+            mlflow.set_tag("error", redact(f"{type(exc).__name__}: {exc}")[:5000])
             mlflow.end_run(status="FAILED")
         raise
     else:

@@ -18,6 +18,7 @@ from pipelines.images import ImageSpec
 from pipelines.ingest import prepare, sources
 from pipelines.ingest.publish import Staging, parquet_row_groups
 from pipelines.raw_files import decode_candidates, file_read_settings, image_spec
+from pipelines.secrets import redacted_dict
 from pipelines.spark import run_concurrently, scoped_conf
 
 ROW_OVERHEAD_BYTES = 120  # id, label, paths and hash next to the pixels, for sizing row groups
@@ -202,7 +203,7 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
         "skew": {"classes": cfg.ingest.skew_classes, "fraction": cfg.ingest.skew_fraction} if cfg.ingest.skew_classes
         else None,
         "source": cand.description,
-        "config": cfg.to_dict()["ingest"],
+        "config": redacted_dict(cfg.to_dict())["ingest"],
         "content_digest": digest,
         "parquet": {"row_group_rows_target": cfg.ingest.row_group_rows,
                     "row_groups": {s: len(g) for s, g in row_groups.items()},

@@ -3,7 +3,9 @@ Horovod workers (launch.py), checks they finished in sync, then logs and registe
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from pyspark.sql import SparkSession
@@ -12,6 +14,7 @@ from pipelines import tracking
 from pipelines.config import Config, dataset_ref
 from pipelines.console import say
 from pipelines.dataset.contract import DatasetVersion, Manifest, resolve_dataset
+from pipelines.environment import TASK_RUN_FILE_VAR
 from pipelines.errors import PipelineError
 from pipelines.train import checkpoints as ck
 from pipelines.train.launch import check_task_slots
@@ -32,6 +35,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
     check_task_slots(spark, t.num_proc)
     check_shardable(ds, manifest, t.num_proc)
     tracking.configure(cfg)
+    resume = resume or earlier_attempts_run(cfg)
     state, changed = ck.resume_state(cfg, ds, resume) if resume else (ck.ResumeState(), [])
     tags = {"num_workers": str(t.num_proc), "spark_master": spark.sparkContext.master, "dataset": ds.ref}
     with contextlib.ExitStack() as held:
@@ -43,6 +47,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
                 log_resume(cfg, state.epoch, changed)
             else:
                 held.enter_context(ck.driver_lock(ck.checkpoint_dir(cfg, run_id), run_id))
+                remember_for_retries(run_id)
                 log_start(cfg, ds, manifest, steps_per_epoch(manifest.count("train"), t.batch_size, t.num_proc))
             spec = worker_spec(t, training_data(ds, manifest, t.class_weights), run_id, tracking.tracking_uri(cfg),
                                str(ck.checkpoint_dir(cfg, run_id)), state, cfg.mlflow.system_metrics_seconds)
@@ -55,6 +60,27 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
     say("train", finished_line(cfg, run_id, outcome, took))
     return {"stage": "train", "run_id": run_id, "registered_model": cfg.mlflow.registered_model, "dataset": ds.ref,
             **outcome, "seconds": round(took, 1)}
+
+
+def earlier_attempts_run(cfg: Config) -> str | None:
+    """In a workflow task's retry: the run an earlier attempt trained, when it has a completed epoch to go on from
+    and epochs left; else None (a new run)."""
+    path = os.environ.get(TASK_RUN_FILE_VAR)
+    run_id = Path(path).read_text().strip() if path and Path(path).is_file() else ""
+    state = ck.read_state(ck.checkpoint_dir(cfg, run_id)) if run_id else None
+    if state is None or state.epoch >= cfg.train.epochs:
+        return None
+    say("train", f"the workflow task's earlier attempt trained run {run_id} to epoch {state.epoch}: going on with it")
+    return run_id
+
+
+def remember_for_retries(run_id: str) -> None:
+    """In a workflow task: where its retries find this run (written atomically)."""
+    path = os.environ.get(TASK_RUN_FILE_VAR)
+    if path:
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(run_id)
+        os.replace(tmp, path)
 
 
 def check_shardable(ds: DatasetVersion, manifest: Manifest, workers: int) -> None:

@@ -10,6 +10,7 @@ from pipelines import tracking
 from pipelines.config import Config
 from pipelines.console import hush
 from pipelines.dataset.contract import DatasetVersion, Manifest
+from pipelines.secrets import redacted_dict
 
 
 def log_epoch(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> None:
@@ -111,5 +112,5 @@ def log_resume(cfg: Config, start_epoch: int, changed: list[tuple[str, str, str]
 
     mlflow.set_tag(f"resumed_at_epoch_{start_epoch + 1}",
                    ", ".join(f"{k}: {old} -> {new}" for k, old, new in changed) or "no changes")
-    mlflow.log_dict(cfg.to_dict(), f"config_resumed_at_epoch_{start_epoch + 1}.yaml")
+    mlflow.log_dict(redacted_dict(cfg.to_dict()), f"config_resumed_at_epoch_{start_epoch + 1}.yaml")
 

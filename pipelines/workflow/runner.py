@@ -18,7 +18,8 @@ from typing import Any
 
 from pipelines.config import Config, resolve_path
 from pipelines.console import say
-from pipelines.environment import child_env
+from pipelines.environment import TASK_RUN_FILE_VAR, child_env
+from pipelines.secrets import redact
 from pipelines.spark import QUIET_LOG4J_OPTION
 from pipelines.workflow.definition import Task, Workflow, substitute
 
@@ -82,7 +83,7 @@ class RunRecord:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / "record.json.tmp"
-        tmp.write_text(json.dumps(self.__dict__, indent=2))
+        tmp.write_text(redact(json.dumps(self.__dict__, indent=2)))  # the --set values a user passed, too
         os.replace(tmp, directory / "record.json")
 
     @classmethod
@@ -159,10 +160,10 @@ class WorkflowRunner:
         if proc and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
 
-    def _attempt(self, cmd: list[str], log: Path, timeout: int) -> tuple[str, int | None]:
-        env = child_env(PYSPARK_PYTHON=sys.executable)
+    def _attempt(self, cmd: list[str], log: Path, timeout: int, task_run_file: Path) -> tuple[str, int | None]:
+        env = child_env(PYSPARK_PYTHON=sys.executable, **{TASK_RUN_FILE_VAR: str(task_run_file)})
         with open(log, "w") as fh:
-            fh.write(f"$ {' '.join(cmd)}\n")
+            fh.write(redact(f"$ {' '.join(cmd)}\n"))
             fh.flush()
             self._proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True, cwd=os.getcwd())
@@ -246,7 +247,7 @@ class WorkflowRunner:
                 status = FAILED
                 break
             t0 = time.monotonic()
-            status, code = self._attempt(cmd, log, timeout)
+            status, code = self._attempt(cmd, log, timeout, run_dir / f"{key}.run")
             took = time.monotonic() - t0
             entry["attempts"].append({"attempt": n, "status": status, "exit_code": code, "log": str(log),
                                       "seconds": round(took, 1), "started": entry["started"], "ended": now()})

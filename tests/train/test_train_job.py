@@ -183,7 +183,11 @@ def test_a_killed_worker_is_relaunched_from_the_last_checkpoint_in_the_same_run(
                      r"restart 1 of 2 from the checkpoint of epoch 1\n\[train\] epoch 2/3: ", err), err
 
 
-def test_with_restarts_off_a_killed_worker_fails_the_run_naming_it_and_resume_completes_it(spark, small, tmp_path):
+def test_with_restarts_off_a_killed_worker_fails_the_run_naming_it_and_a_workflow_retry_resumes_it(
+        spark, small, tmp_path, monkeypatch):
+    from pipelines.environment import TASK_RUN_FILE_VAR
+
+    monkeypatch.setenv(TASK_RUN_FILE_VAR, str(tmp_path / "train.run"))  # as the workflow runner sets it
     cfg = cfg_for(small, "train.epochs=3", "train.max_restarts=0", f"paths.checkpoints_root={tmp_path}/ck")
     started = time.monotonic()
     with pytest.raises(PipelineError, match=r"training lost a Horovod worker: worker rank 1 \(on \S+, pid \d+\) "
@@ -193,8 +197,10 @@ def test_with_restarts_off_a_killed_worker_fails_the_run_naming_it_and_resume_co
     assert time.monotonic() - started < 240  # detected and failed, not hung until a timeout
     run_id = str(lost.value).rsplit(" ", 1)[-1]
     assert mlflow.get_run(run_id).info.status == "FAILED"
-    resumed = run_train(spark, cfg, resume=run_id)
+    assert (tmp_path / "train.run").read_text() == run_id
+    resumed = run_train(spark, cfg)  # the task's retry: the same command, no --resume
     assert resumed["run_id"] == run_id and resumed["epochs_run"] == 3
+    assert mlflow.get_run(run_id).data.tags["resumed_at_epoch_2"] == "no changes"
     assert sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "loss")) == [0, 1, 2]
 
 

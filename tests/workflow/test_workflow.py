@@ -95,7 +95,7 @@ if name == "broken" and not os.path.exists(os.path.join(os.path.dirname(__file__
 if name == "slow":
     time.sleep(60)
 print("noise on stdout")
-print(json.dumps({"task": name, "got": args[1:], "attempt": n}))
+print(json.dumps({"task": name, "got": args[1:], "attempt": n, "run_file": os.environ.get("SPARKVISION_TASK_RUN_FILE")}))
 '''
 
 
@@ -118,12 +118,20 @@ def test_runner_retries_hands_values_downstream_and_records_the_run(tmp_path, cf
         task("second", ["second", "{{tasks.first.values.task}}-{{tasks.first.values.attempt}}"], ["first"]),
     ])
     cfg = cfg_factory("spark.master=local[1]")
-    record = WorkflowRunner(cfg, load_workflow(f), [], ["train.epochs=1"]).run()
+    secret = "ingest.source.path=s3a://AKIA:hunter22@bucket/x"  # a password a user passed with --set
+    record = WorkflowRunner(cfg, load_workflow(f), [], ["train.epochs=1", secret]).run()
     assert record.status == "SUCCESS"
     assert [a["status"] for a in record.tasks["first"]["attempts"]] == ["FAILED", "SUCCESS"]
+    run_file = Path(record.tasks["first"]["log"]).parent / "record.json"
+    assert "hunter22" not in run_file.read_text() and "s3a://AKIA:***@bucket/x" in run_file.read_text()
+    assert all("hunter22" not in open(a["log"]).readline() for a in record.tasks["first"]["attempts"])
     assert record.tasks["second"]["values"]["got"][0] == "flaky-2"
     assert "--set" in record.tasks["second"]["values"]["got"]  # the runner hands --set to every task
     assert [r.run_id for r in list_runs(cfg)] == [record.run_id]
+    # where a task's job records its MLflow run for its retries (train resumes it): one file per task and run
+    run_dir = Path(record.tasks["first"]["log"]).parent
+    assert record.tasks["first"]["values"]["run_file"] == str(run_dir / "first.run")
+    assert record.tasks["second"]["values"]["run_file"] == str(run_dir / "second.run")
 
 
 @pytest.mark.slow
