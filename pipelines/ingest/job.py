@@ -12,7 +12,7 @@ from pyspark.sql import functions as F
 
 from pipelines.config import Config, ConfigError, IngestConfig
 from pipelines.console import say, step
-from pipelines.dataset.contract import SPLIT_COLUMNS, SPLITS, latest_version, read_manifest, dataset_root
+from pipelines.dataset.contract import SPLIT_COLUMNS, SPLITS, dataset_root
 from pipelines.errors import PipelineError
 from pipelines.images import ImageSpec
 from pipelines.ingest import prepare, sources
@@ -95,6 +95,8 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         s["note"] = "mean " + ", ".join(f"{m:.4f}" for m in mean) + " std " + ", ".join(f"{v:.4f}" for v in std)
 
     staging = Staging(cfg.paths.datasets_root, ic.name)
+    if staging.removed_stale:
+        say("ingest", f"removed {staging.removed_stale} staging folder(s) left by a killed ingest of {ic.name}")
     try:
         with step("ingest", f"writing Parquet to {staging.path.parent}") as s:
             row_group_bytes = ic.row_group_rows * (spec.nbytes + ROW_OVERHEAD_BYTES)
@@ -112,13 +114,7 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
                                            per_class, weights, mean, std, left_out)
             s["note"] = (f"{manifest['counts']['rows']} rows + {manifest['counts']['quarantined']} quarantined + "
                          f"{manifest['counts']['duplicates_dropped']} duplicates = {seen} seen")
-        previous = latest_version(cfg.paths.datasets_root, ic.name)
-        if previous and read_manifest(dataset_root(cfg.paths.datasets_root, ic.name) / previous).digest == manifest["content_digest"]:
-            staging.discard()
-            version, unchanged = previous, True
-        else:
-            staging.write_manifest(manifest)
-            version, unchanged = staging.publish(), False
+        version, unchanged = staging.publish_unless_same(manifest)
     except BaseException:
         staging.discard()
         raise

@@ -10,32 +10,49 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pyspark.sql import DataFrame
 
-from pipelines.dataset.contract import MANIFEST, dataset_root, next_version, set_latest
+from pipelines.dataset.contract import MANIFEST, dataset_root, latest_version, next_version, read_manifest, set_latest
 
-STALE_STAGING_SECONDS = 6 * 3600
+STALE_STAGING_SECONDS = 6 * 3600  # a staging folder without a lock file (written before there were locks)
 
 
 class Staging:
-    """`<root>/<name>/_staging-<uuid>/`: invisible to readers (leading underscore) until published."""
+    """`<root>/<name>/_staging-<uuid>/`: invisible to readers (leading underscore) until published. Its run holds an
+    exclusive lock on `.staging-<uuid>.lock` beside it while it lives, so the next run knows a folder whose lock
+    it can take belongs to a run that was killed, and removes it."""
 
     def __init__(self, datasets_root: str, name: str):
         self.datasets_root = datasets_root
         self.name = name
         self.root = dataset_root(datasets_root, name)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale()
-        self.path = self.root / f"_staging-{uuid.uuid4().hex[:12]}"
+        self.removed_stale = self._remove_stale()
+        token = uuid.uuid4().hex[:12]
+        self._lock = _locked(self.root / f".staging-{token}.lock", wait=False)  # before the folder exists
+        self.path = self.root / f"_staging-{token}"
         self.path.mkdir()
 
-    def _remove_stale(self) -> None:
-        """Staging folders of killed runs, once old enough that no live run can own them."""
+    def _remove_stale(self) -> int:
+        """Remove the staging folders of killed runs (their lock is free); how many there were."""
+        removed = 0
         for p in self.root.glob("_staging-*"):
-            if time.time() - p.stat().st_mtime > STALE_STAGING_SECONDS:
+            lock = self.root / f".staging-{p.name.removeprefix('_staging-')}.lock"
+            if lock.exists():
+                try:
+                    held = _locked(lock, wait=False)
+                except BlockingIOError:
+                    continue  # a live run is writing it
                 shutil.rmtree(p, ignore_errors=True)
+                lock.unlink(missing_ok=True)
+                held.close()
+                removed += 1
+            elif time.time() - p.stat().st_mtime > STALE_STAGING_SECONDS:
+                shutil.rmtree(p, ignore_errors=True)
+                removed += 1
+        return removed
 
     def url(self, part: str) -> str:
         return (self.path / part).as_uri()
@@ -48,23 +65,44 @@ class Staging:
             writer = writer.option("parquet.block.size", str(row_group_bytes))
         writer.parquet(self.url(part))
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        (self.path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-
-    def publish(self) -> str:
-        """Rename the staging folder to the next version and point LATEST at it; return the version."""
-        for _ in range(5):
+    def publish_unless_same(self, manifest: dict[str, Any]) -> tuple[str, bool]:
+        """Publish as the next version and point LATEST at it, unless the latest version already holds the same
+        content (then discard): (version, unchanged). Under the dataset's publish lock, so two ingests at once
+        publish one after the other, the second seeing the first's version."""
+        with _locked(self.root / ".publish.lock", wait=True):
+            previous = latest_version(self.datasets_root, self.name)
+            if previous and read_manifest(self.root / previous).digest == manifest["content_digest"]:
+                self.discard()
+                return previous, True
+            (self.path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
             version = next_version(self.datasets_root, self.name)
-            try:
-                os.rename(self.path, self.root / version)  # atomic on one filesystem
-            except OSError:
-                continue  # another run took that number first
+            os.rename(self.path, self.root / version)  # atomic on one filesystem
             set_latest(self.datasets_root, self.name, version)
-            return version
-        raise RuntimeError(f"could not publish {self.path}")
+        self._release()
+        return version, False
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if not self._lock.closed:
+            (self.root / f".staging-{self.path.name.removeprefix('_staging-')}.lock").unlink(missing_ok=True)
+            self._lock.close()
+
+
+def _locked(path: Path, wait: bool) -> IO[str]:
+    """`path` opened and exclusively locked (flock: the OS drops it when the process dies); closing unlocks. Without
+    `wait`, BlockingIOError when another process holds it."""
+    import fcntl
+
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BaseException:
+        fh.close()
+        raise
+    return fh
 
 
 def parquet_row_groups(path: Path) -> list[int]:

@@ -79,7 +79,55 @@ def test_failed_publish_leaves_previous_version_untouched(spark, cfg_factory, tr
     import os
 
     assert latest_version(cfg.paths.datasets_root, "photos") == first["version"]
-    assert sorted(os.listdir(name_dir)) == ["LATEST", first["version"]]  # no partial version, no staging left
+    assert sorted(n for n in os.listdir(name_dir) if n != ".publish.lock") == ["LATEST", first["version"]]  # no
+    # partial version, no staging left
+
+
+def test_an_ingest_killed_mid_write_leaves_the_previous_version_whole_and_the_next_run_cleans_up(
+        spark, cfg_factory, tree):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root, _ = tree
+    cfg = folder_cfg(cfg_factory, root)
+    first = run_ingest(spark, cfg)
+    name_dir = f"{cfg.paths.datasets_root}/photos"
+    files = lambda: {p: os.path.getsize(p) for p in _files_under(f"{name_dir}/{first['version']}")}  # noqa: E731
+    before = files()
+    sets = ["ingest.name=photos", "ingest.source.type=folder", f"ingest.source.path={root}",
+            "ingest.source.label_names=null", "ingest.image.height=16", "ingest.image.width=16",
+            "ingest.image.channels=3", "ingest.max_pixels=4000000", "ingest.files_per_split=1",
+            f"paths.datasets_root={cfg.paths.datasets_root}", "spark.shuffle_partitions=4"]  # a new version's data
+    cmd = [sys.executable, "-m", "pipelines.cli", "ingest", *(x for o in sets for x in ("--set", o))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stderr:  # the step before the write has ended: the write starts now
+        if line.startswith("[ingest] splitting, balancing"):
+            break
+    deadline = time.monotonic() + 120
+    while not any(True for p in _files_under(name_dir) if "_staging-" in p) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # driver and JVM at once, mid-write: no handler, no clean-up runs
+    proc.communicate(timeout=60)
+    assert any(p.name.startswith("_staging-") for p in Path(name_dir).iterdir())
+    # the previous version is whole and still the latest; nothing partial is visible as a version
+    assert latest_version(cfg.paths.datasets_root, "photos") == first["version"] and files() == before
+    assert sorted(n for n in os.listdir(name_dir) if not n.startswith(("_", "."))) == ["LATEST", first["version"]]
+    assert spark.read.parquet(f"{name_dir}/{first['version']}/train").count() == first["counts"]["splits"]["train"]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "[ingest] removed 1 staging folder(s) left by a killed ingest of photos" in again.stderr
+    assert not [n for n in os.listdir(name_dir) if n.startswith(("_staging-", ".staging-"))]
+    assert latest_version(cfg.paths.datasets_root, "photos") != first["version"] and files() == before
+
+
+def _files_under(folder: str) -> list[str]:
+    import os
+
+    return [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
 
 
 def test_oversample_balances_training_split_only(spark, cfg_factory, tree):

@@ -1,0 +1,74 @@
+"""Publishing a dataset version: staging folders of killed runs are removed by the next run, live ones are kept, and
+ingests publishing at once never leave a mixed version or LATEST behind the newest."""
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+
+from pipelines.dataset.contract import latest_version, read_manifest
+from pipelines.ingest.publish import Staging
+
+HOLD = """
+import sys, time
+from pipelines.ingest.publish import Staging
+s = Staging(sys.argv[1], "ds")
+(s.path / "part-0.parquet").write_bytes(b"half")
+print(s.path, flush=True)
+time.sleep(600)
+"""
+
+
+def hold_a_staging(root) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def test_the_next_run_removes_a_killed_runs_staging_and_keeps_a_live_ones(tmp_path):
+    killed, killed_path = hold_a_staging(tmp_path)
+    live, live_path = hold_a_staging(tmp_path)
+    try:
+        os.kill(killed.pid, signal.SIGKILL)  # no handler runs: its staging folder stays behind
+        killed.wait()
+        assert os.path.isdir(killed_path)
+        mine = Staging(str(tmp_path), "ds")
+        assert mine.removed_stale == 1
+        assert not os.path.exists(killed_path) and os.path.isdir(live_path)  # a live run's folder is not touched
+        mine.discard()
+        assert not mine.path.exists()
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir() if not p.name.startswith(".")) == \
+        [os.path.basename(live_path)]  # left for the next run, whose lock it now is
+
+
+def publish(root: str, digest: str, rows: int, out) -> None:
+    staging = Staging(root, "ds")
+    (staging.path / "train").mkdir()
+    (staging.path / "train" / "part-0.parquet").write_bytes(os.urandom(rows))
+    out.put(staging.publish_unless_same({"content_digest": digest, "rows": rows}))
+
+
+def test_ingests_publishing_at_once_give_whole_versions_and_latest_is_the_newest(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    same = [ctx.Process(target=publish, args=(str(tmp_path), "same", 10, results)) for _ in range(3)]
+    for p in same:
+        p.start()
+    for p in same:
+        p.join(60)
+    got = sorted(results.get(timeout=5) for _ in same)
+    assert got == [("v0001", False), ("v0001", True), ("v0001", True)]  # one version of the same content
+    other = [ctx.Process(target=publish, args=(str(tmp_path), f"d{i}", 20 + i, results)) for i in range(3)]
+    for p in other:
+        p.start()
+    for p in other:
+        p.join(60)
+    versions = sorted(results.get(timeout=5)[0] for _ in other)
+    assert versions == ["v0002", "v0003", "v0004"]
+    assert latest_version(tmp_path, "ds") == "v0004"
+    for v in ["v0001", *versions]:  # each whole: its manifest and the rows it wrote, nothing of another
+        manifest = read_manifest(tmp_path / "ds" / v).data
+        assert (tmp_path / "ds" / v / "train" / "part-0.parquet").stat().st_size == manifest["rows"]
+    assert not list((tmp_path / "ds").glob("_staging-*")) and not list((tmp_path / "ds").glob(".staging-*"))
