@@ -1,10 +1,11 @@
-"""PySpark's Python daemon for local executors, without Horovod's traceback on a stopped training run.
+"""PySpark's Python daemon for local executors: Horovod's services on the loopback address (pipelines.loopback),
+and, unless --verbose, without Horovod's traceback on a stopped training run.
 
 When a run is stopped (Ctrl-C, SIGTERM), Horovod's task service, which runs inside the executor's Python worker,
 closes the output pipe of the training process it aborts while a thread is still forwarding that process's last
 lines. The thread dies with "RuntimeError: Pipe is closed" (horovod/runner/util/streams.py) and Python prints its
 traceback; in local mode the executors share the user's terminal, so each stop printed two tracebacks. Spark starts
-this module instead of `pyspark.daemon` (`spark.python.daemon.module`, set for local masters without --verbose); it
+this module instead of `pyspark.daemon` (`spark.python.daemon.module`, set for local masters); without --verbose it
 drops that one exception and prints every other thread error as before.
 """
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import threading
 import traceback
 from typing import Any
+
+from pipelines.environment import is_verbose
+from pipelines.loopback import bind_if_asked
 
 _print_thread_error = threading.excepthook
 
@@ -29,7 +33,9 @@ def _thread_error(args: threading.ExceptHookArgs) -> None:
         _print_thread_error(args)
 
 
-threading.excepthook = _thread_error  # inherited by the workers the daemon forks
+if not is_verbose():
+    threading.excepthook = _thread_error  # inherited by the workers the daemon forks
+bind_if_asked()  # before the daemon forks its workers, which run Horovod's task services
 
 if __name__ == "__main__":
     from pyspark.daemon import manager

@@ -14,6 +14,7 @@ from pyspark.sql import SparkSession
 
 from pipelines.config import Config, resolve_path
 from pipelines.environment import is_verbose, worker_env
+from pipelines.loopback import LOOPBACK_VAR
 from pipelines.signals import keep_stop_handlers, on_stop, stop_requested
 
 
@@ -38,8 +39,8 @@ def spark_conf(cfg: Config) -> dict[str, str]:
     }
     if cfg.spark.master.startswith("local"):
         conf["spark.driver.host"] = "127.0.0.1"
-        if not is_verbose():  # executors share the terminal: no stop tracebacks
-            conf["spark.python.daemon.module"] = "pipelines.executor_daemon"
+        conf["spark.python.daemon.module"] = "pipelines.executor_daemon"  # loopback Horovod, quiet stops
+        conf[f"spark.executorEnv.{LOOPBACK_VAR}"] = "1"
     for key, value in worker_env().items():
         conf[f"spark.executorEnv.{key}"] = value
     slots = local_cores(cfg.spark.master)

@@ -107,3 +107,50 @@ def write_idx_slice(dest: Path, train: int, test: int) -> Path:
         with gzip.open(dest / f"{prefix}-labels-idx1-ubyte.gz", "wb") as fh:
             fh.write(struct.pack(">II", 0x801, n) + labels)
     return dest
+
+
+def listening_addresses(pid: int) -> dict[tuple[str, int], str]:
+    """Every (address, port) that process `pid` or one of its descendants listens on, with the listener's command."""
+    import psutil
+
+    root = psutil.Process(pid)
+    pids = {pid} | {p.pid for p in root.children(recursive=True)}
+    out = {}
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            try:
+                what = " ".join(psutil.Process(c.pid).cmdline())[:120]
+            except psutil.Error:
+                what = "?"
+            out[(c.laddr.ip, c.laddr.port)] = what
+    return out
+
+
+def is_loopback(address: str) -> bool:
+    return address in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+class ListeningSampler:
+    """While in use, samples what this process and its descendants listen on (for servers that live only as long as
+    a call: Horovod's services during training)."""
+
+    def __init__(self, every: float = 0.25):
+        import threading
+
+        self.every, self.seen = every, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import os
+
+        while not self._stop.wait(self.every):
+            self.seen.update(listening_addresses(os.getpid()))
+
+    def __enter__(self) -> "ListeningSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

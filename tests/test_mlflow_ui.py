@@ -9,6 +9,8 @@ import urllib.request
 import psutil
 import pytest
 
+from tests.fixtures import is_loopback, listening_addresses
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -34,6 +36,8 @@ def test_the_ui_serves_the_store_and_a_stop_ends_every_process_it_started(tmp_pa
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as answer:
             assert answer.status == 200
         started = psutil.Process(proc.pid).children(recursive=True)
+        listening = listening_addresses(proc.pid)
+        assert ("127.0.0.1", port) in listening and all(is_loopback(ip) for ip, _ in listening), listening
         assert any("uvicorn" in " ".join(p.cmdline()) for p in started)
         assert not any("huey" in " ".join(p.cmdline()) for p in started)  # no GenAI job runner
         proc.send_signal(sig)

@@ -19,6 +19,7 @@ from pipelines.config import ConfigError, TrainConfig
 from pipelines.console import say
 from pipelines.environment import child_env, is_verbose
 from pipelines.errors import PipelineError, first_line
+from pipelines.loopback import bind_horovod_to_loopback
 from pipelines.signals import SignalWatch, Stopped, signal_name
 from pipelines.spark import local_cores
 from pipelines.train import checkpoints as ck
@@ -212,6 +213,8 @@ def run_workers(spark: SparkSession, worker_fn: Callable[[Any], dict], spec: Any
     raise Stopped, saying how far the run got."""
     import horovod.spark
 
+    if local_cores(spark.sparkContext.master):
+        bind_horovod_to_loopback()  # Horovod: its driver and rendezvous services, here on the loopback address only
     ckpt_dir = Path(spec.checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     out = WorkerOutput(ckpt_dir / ck.WORKER_LOG)

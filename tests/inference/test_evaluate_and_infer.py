@@ -11,6 +11,7 @@ from pipelines.errors import PipelineError
 from pipelines.inference.evaluate import run_evaluate
 from pipelines.inference.job import run_infer
 from pipelines.inference.predict import load_keras_model, predict
+from tests.fixtures import is_loopback, listening_addresses
 from pipelines.ingest.job import run_ingest
 from pipelines.train.job import run_train
 from tests.conftest import make_config
@@ -201,6 +202,8 @@ def test_serve_answers_rest_requests_like_the_model_and_stops_on_ctrl_c(trained,
             except OSError:
                 time.sleep(1)
         assert server.poll() is None, server.communicate()
+        listening = listening_addresses(server.pid)
+        assert ("127.0.0.1", port) in listening and all(is_loopback(ip) for ip, _ in listening), listening
         assert len(list(tmp_path.glob("sparkvision-serve-*"))) == 1
         taken = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert taken.returncode == 1 and f"cannot serve on 127.0.0.1:{port}: address already in use" in taken.stderr

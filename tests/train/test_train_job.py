@@ -18,7 +18,7 @@ from pipelines.train.checkpoints import read_state
 from pipelines.train.job import run_train
 from pipelines.train.spec import steps_per_epoch
 from pipelines.train.worker import train_worker
-from tests.fixtures import write_idx_slice
+from tests.fixtures import ListeningSampler, is_loopback, write_idx_slice
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -59,8 +59,12 @@ def test_two_workers_train_in_sync_and_log_everything(spark, small):
     assert sum(shard_rows) == ingested["counts"]["splits"]["train"]
     assert shard_rows[0] != shard_rows[1], "the fixture must give the two workers uneven shards"
     cfg = cfg_for(small, "train.epochs=4", "train.bind_cores=true", "mlflow.system_metrics_seconds=1")
-    out = run_train(spark, cfg)
+    with ListeningSampler() as listening:
+        out = run_train(spark, cfg)
     assert out["workers"] == 2 and out["weights_in_sync"]
+    # Horovod's driver, task and rendezvous services, Gloo, Spark: on a local master, all on the loopback address
+    assert any("gloo_exec_fn" in what for what in listening.seen.values()), listening.seen
+    assert all(is_loopback(ip) for ip, _ in listening.seen), listening.seen
     allowed = sorted(os.sched_getaffinity(0))
     cores0, cores1 = out["worker_cores"]
     if len(allowed) >= 2:  # each worker kept to its own cores

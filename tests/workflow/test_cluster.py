@@ -13,7 +13,7 @@ import pytest
 
 from pipelines.workflow.cluster import _alive, cluster_down, cluster_up
 from tests.conftest import make_config
-from tests.fixtures import write_idx_slice
+from tests.fixtures import is_loopback, listening_addresses, write_idx_slice
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -45,6 +45,9 @@ def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path):
     pids = list(info["pids"].values())
     try:
         assert info["workers"] == 2 and len(pids) == 4  # master, 2 workers, MLflow server
+        for pid in pids:  # their RPC ports, web UIs and the tracking server: on cluster.host, 127.0.0.1 here
+            listening = listening_addresses(pid)
+            assert listening and all(is_loopback(ip) for ip, _ in listening), listening
         cmd = [sys.executable, "-m", "pipelines.cli", "workflow", "run", str(ROOT / "jobs/workflows/fashion_mnist.yaml"),
                "--conf", str(ROOT / "conf/cluster.yaml"), *[x for o in overrides for x in ("--set", o)]]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1500,
