@@ -18,6 +18,7 @@ SPLITS = ("train", "validation", "test")
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
+FOOTER_BYTES = 65536  # how much of each Parquet file's end (its footer: schema, row groups, statistics) is hashed
 
 # Columns of every split's Parquet files.
 SPLIT_COLUMNS = ("id", "image", "label", "label_name", "source_path", "content_hash")
@@ -76,6 +77,40 @@ class DatasetVersion:
 
     def manifest(self) -> Manifest:
         return read_manifest(self.path)
+
+    def check_files(self, splits: tuple[str, ...]) -> None:
+        """Refuse a version whose Parquet files under `splits` no longer match its manifest (one removed, added,
+        or changed in size or footer), naming the file. Versions published before the manifest listed its files
+        are not checked."""
+        recorded = self.manifest().data.get("files")
+        if recorded is None:
+            return
+        now = file_inventory(self.path, splits)
+        wanted = {k: v for k, v in recorded.items() if k.split("/", 1)[0] in splits}
+        for name in sorted(set(wanted) | set(now)):
+            was, got = wanted.get(name), now.get(name)
+            if was == got:
+                continue
+            what = ("is missing" if got is None else "is not in the manifest" if was is None else
+                    f"has changed ({was['bytes']} bytes when published, {got['bytes']} now)"
+                    if was["bytes"] != got["bytes"] else "has changed (same size, different footer)")
+            raise PipelineError(f"dataset {self.ref} does not match its manifest: {name} {what} under {self.path}; "
+                                "re-ingest to publish a new version")
+
+
+def file_inventory(version_dir: Path, parts: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Every Parquet file under `parts` of a version: its size and a digest of its footer, by relative path."""
+    import hashlib
+
+    out = {}
+    for part in parts:
+        for f in sorted((Path(version_dir) / part).glob("*.parquet")):
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                fh.seek(max(0, size - FOOTER_BYTES))
+                tail = hashlib.sha256(fh.read()).hexdigest()
+            out[f"{part}/{f.name}"] = {"bytes": size, "footer_sha256": tail}
+    return out
 
 
 def dataset_root(datasets_root: str | Path, name: str) -> Path:

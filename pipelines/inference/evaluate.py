@@ -127,6 +127,7 @@ def run_evaluate(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     uri = cfg.evaluate.model_uri or latest_version_uri(name)
     candidate = resolve_model(uri)
     ds = resolve_dataset(cfg.paths.datasets_root, dataset_ref(cfg))
+    ds.check_files((cfg.evaluate.split,))
     manifest = ds.manifest()
     if tuple(manifest.shape) != tuple(candidate.shape):
         raise PipelineError(f"model {uri} expects images {candidate.shape}, dataset {ds.ref} has {manifest.shape}")

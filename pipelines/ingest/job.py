@@ -12,7 +12,7 @@ from pyspark.sql import functions as F
 
 from pipelines.config import Config, ConfigError, IngestConfig
 from pipelines.console import say, step
-from pipelines.dataset.contract import SPLIT_COLUMNS, SPLITS, dataset_root
+from pipelines.dataset.contract import SPLIT_COLUMNS, SPLITS, dataset_root, file_inventory
 from pipelines.errors import PipelineError
 from pipelines.images import ImageSpec
 from pipelines.ingest import prepare, sources
@@ -178,6 +178,7 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
                             "nothing was published")
     row_groups = {split: parquet_row_groups(staging.path / split) for split in SPLITS}
     return {
+        "files": file_inventory(staging.path, SPLITS),
         "name": cfg.ingest.name,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "schema": {"id": "string", "image": f"binary: uint8 pixels, row-major {spec.height}x{spec.width}x{spec.channels}",

@@ -31,6 +31,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
     started = time.perf_counter()
     t = cfg.train
     ds = resolve_dataset(cfg.paths.datasets_root, dataset_ref(cfg))
+    ds.check_files(("train", "validation"))
     manifest = ds.manifest()
     check_task_slots(spark, t.num_proc)
     check_shardable(ds, manifest, t.num_proc)

@@ -104,6 +104,7 @@ def run_tune(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     started = time.perf_counter()
     params, tc = parse_space(cfg), cfg.tune
     ds = resolve_dataset(cfg.paths.datasets_root, dataset_ref(cfg))
+    ds.check_files(("train", "validation"))
     check_task_slots(spark, tc.parallelism)
     name = tc.study or f"tune-{ds.name}"
     study_dir = resolve_path(cfg.paths.studies_root) / name

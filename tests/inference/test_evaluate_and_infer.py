@@ -279,3 +279,33 @@ def test_bad_inference_inputs_fail_clearly_and_write_nothing(spark, trained, tmp
         run_infer(spark, cfg)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+
+
+def test_a_dataset_whose_files_no_longer_match_its_manifest_is_refused_naming_the_file(spark, trained, tmp_path):
+    import shutil
+
+    import mlflow
+
+    root, _, first = trained
+    shutil.copytree(f"{root}/datasets", tmp_path / "datasets")  # this test damages its own copy
+    cfg = cfg_of(trained, f"paths.datasets_root={tmp_path}/datasets",
+                 f"evaluate.model_uri=runs:/{first['run_id']}/model")
+    version = next(p for p in (tmp_path / "datasets" / "fashion_mnist").iterdir() if p.name.startswith("v"))
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+    test_file = sorted((version / "test").glob("*.parquet"))[0]
+    with open(test_file, "r+b") as fh:  # same size, one byte of the footer changed
+        fh.seek(-12, 2)
+        byte = fh.read(1)
+        fh.seek(-12, 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(PipelineError, match=rf"dataset fashion_mnist/{version.name} does not match its manifest: "
+                                            rf"test/{test_file.name} has changed \(same size, different footer\)"):
+        run_evaluate(spark, cfg)
+    removed = sorted((version / "validation").glob("*.parquet"))[0]
+    removed.unlink()
+    with pytest.raises(PipelineError, match=rf"validation/{removed.name} is missing under {version}; re-ingest"):
+        run_train(spark, cfg)
+    (version / "train" / "extra.parquet").write_bytes(b"PAR1")
+    with pytest.raises(PipelineError, match=r"train/extra.parquet is not in the manifest"):
+        run_train(spark, cfg)
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before  # refused before any run started
