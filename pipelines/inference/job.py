@@ -17,11 +17,12 @@ from pipelines import tracking
 from pipelines.config import Config
 from pipelines.console import say
 from pipelines.dataset.contract import DatasetVersion, resolve_dataset
-from pipelines.errors import PipelineError, first_line
+from pipelines.errors import PipelineError, first_line, root_cause
 from pipelines.inference.models import CHAMPION, resolve_model
 from pipelines.inference.predict import check_image_lengths, predict
 from pipelines.raw_files import decode_candidates, file_read_settings, image_spec, list_files
 from pipelines.spark import scoped_conf
+from pipelines.storage import check_writable
 
 QUARANTINE_DIR = "_quarantine"  # inside the output; Spark and pandas readers skip '_' folders
 
@@ -86,6 +87,9 @@ def _write_atomically(df: DataFrame, quarantine: DataFrame | None, output: Path,
         if quarantine is not None:
             quarantine.coalesce(1).write.parquet((staging / QUARANTINE_DIR).as_uri())
         os.rename(staging, output)
+    except Exception as exc:  # a full disk, a folder gone: the cause, not Spark's job-aborted wrapper
+        raise PipelineError(f"writing the predictions to {output} failed ({root_cause(exc)}); nothing was written "
+                            "there") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -108,6 +112,7 @@ def _infer(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         return run_stream(spark, cfg, model)
     df, quarantine, n = read_input(spark, cfg, model)
     output = Path(ic.output or Path(cfg.paths.predictions_root) / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    check_writable(output.parent, "infer.output's folder")
     with tracking.run(cfg, "infer", tags=infer_tags(model, output),
                       run_name=f"infer {model_label(model)} on {input_label(cfg)}") as active:
         log_infer_input(cfg, model)

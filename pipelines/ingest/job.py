@@ -13,13 +13,14 @@ from pyspark.sql import functions as F
 from pipelines.config import Config, ConfigError, IngestConfig
 from pipelines.console import say, step
 from pipelines.dataset.contract import SPLIT_COLUMNS, SPLITS, dataset_root, file_inventory
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, root_cause
 from pipelines.images import ImageSpec
 from pipelines.ingest import prepare, sources
 from pipelines.ingest.publish import Staging, parquet_row_groups
 from pipelines.raw_files import decode_candidates, file_read_settings, image_spec
 from pipelines.secrets import redacted_dict
 from pipelines.spark import run_concurrently, scoped_conf
+from pipelines.storage import check_writable
 
 ROW_OVERHEAD_BYTES = 120  # id, label, paths and hash next to the pixels, for sizing row groups
 
@@ -53,6 +54,7 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     started = time.perf_counter()
     spec = image_spec(cfg)
     ic = cfg.ingest
+    check_writable(dataset_root(cfg.paths.datasets_root, ic.name), "paths.datasets_root")
     with step("ingest", f"listing {ic.source.type} source {ic.source.path}") as s:
         cand = read_source(spark, cfg)
         s["note"] = f"skipped {sum(cand.skipped.values())} non-image files" if cand.skipped else ""
@@ -104,11 +106,16 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
                       for split in SPLITS}
             quarantine = invalid.select("path", "label", "reason", "detail", "content_hash").unionByName(
                 dd.conflicts.select("path", "label", "reason", "detail", "content_hash"))
-            run_concurrently(
-                [lambda split=split: staging.write(frames[split].select(*SPLIT_COLUMNS), split, ic.files_per_split,
-                                                   row_group_bytes, sort_by="id") for split in SPLITS]
-                + [lambda: staging.write(quarantine, "quarantine", 1),
-                   lambda: staging.write(dd.duplicates, "duplicates", 1)])
+            try:
+                run_concurrently(
+                    [lambda split=split: staging.write(frames[split].select(*SPLIT_COLUMNS), split,
+                                                       ic.files_per_split, row_group_bytes, sort_by="id")
+                     for split in SPLITS]
+                    + [lambda: staging.write(quarantine, "quarantine", 1),
+                       lambda: staging.write(dd.duplicates, "duplicates", 1)])
+            except Exception as exc:  # a full disk, a folder gone: the cause, not Spark's job-aborted wrapper
+                raise PipelineError(f"writing the new version of {ic.name} under {staging.root} failed "
+                                    f"({root_cause(exc)}); nothing was published") from exc
         with step("ingest", "verifying the staged version") as s:
             manifest = verify_and_describe(spark, cfg, staging, spec, seen, cand, label_names, train_counts,
                                            per_class, weights, mean, std, left_out)

@@ -11,11 +11,12 @@ from typing import Any, Callable
 from pyspark.sql import SparkSession
 
 from pipelines import tracking
-from pipelines.config import Config, dataset_ref
+from pipelines.config import Config, dataset_ref, resolve_path
 from pipelines.console import say
 from pipelines.dataset.contract import DatasetVersion, Manifest, resolve_dataset
 from pipelines.environment import TASK_RUN_FILE_VAR
 from pipelines.errors import PipelineError
+from pipelines.storage import check_writable
 from pipelines.train import checkpoints as ck
 from pipelines.train.launch import check_task_slots
 from pipelines.train.mlflow_logging import log_final, log_model, log_resume, log_start
@@ -32,6 +33,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
     t = cfg.train
     ds = resolve_dataset(cfg.paths.datasets_root, dataset_ref(cfg))
     ds.check_files(("train", "validation"))
+    check_writable(resolve_path(cfg.paths.checkpoints_root), "paths.checkpoints_root")
     manifest = ds.manifest()
     check_task_slots(spark, t.num_proc)
     check_shardable(ds, manifest, t.num_proc)

@@ -20,6 +20,7 @@ from pipelines.signals import signal_name, stop_requested
 from pipelines.train.launch import check_task_slots
 from pipelines.train.spec import TrainingData, WorkerSpec, training_data
 from pipelines.tune import report
+from pipelines.storage import check_writable
 from pipelines.tune.space import Param, parse_space, suggest
 from pipelines.tune.subset import stratified_subset
 from pipelines.tune.progress import TERMINAL, child_runs, watching_children
@@ -105,6 +106,7 @@ def run_tune(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     params, tc = parse_space(cfg), cfg.tune
     ds = resolve_dataset(cfg.paths.datasets_root, dataset_ref(cfg))
     ds.check_files(("train", "validation"))
+    check_writable(resolve_path(cfg.paths.studies_root), "paths.studies_root")
     check_task_slots(spark, tc.parallelism)
     name = tc.study or f"tune-{ds.name}"
     study_dir = resolve_path(cfg.paths.studies_root) / name

@@ -228,3 +228,42 @@ def test_a_skewed_ingest_cuts_the_named_classes_in_training_only(spark, cfg_fact
         "classes": ["Shirt", "Coat"], "fraction": 0.1}
     with pytest.raises(ConfigError, match="ingest.skew_classes: Shrit not among the labels"):
         run_ingest(spark, cfg_factory(f"ingest.source.path={src}", "ingest.name=typo", "ingest.skew_classes=[Shrit]"))
+
+
+def test_an_unwritable_datasets_root_is_refused_before_any_work(tree, tmp_path):
+    import subprocess
+    import sys
+
+    root, _ = tree
+    (tmp_path / "a_file").write_text("")
+    sets = ["ingest.name=photos", "ingest.source.type=folder", f"ingest.source.path={root}",
+            "ingest.source.label_names=null", f"paths.datasets_root={tmp_path}/a_file/datasets"]
+    refused = subprocess.run([sys.executable, "-m", "pipelines.cli", "ingest", *(x for o in sets for x in ("--set", o))],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [f"error: cannot write to paths.datasets_root "
+                                                   f"{tmp_path}/a_file/datasets/photos: Not a directory"]
+
+
+def test_a_write_that_fails_midway_publishes_nothing_and_names_the_cause(spark, cfg_factory, tmp_path):
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    src = write_idx_slice(tmp_path / "idx", train=4000, test=200)
+    sets = [f"ingest.source.path={src}", "ingest.files_per_split=1", f"paths.datasets_root={tmp_path}/datasets"]
+    first = run_ingest(spark, cfg_factory(*sets))
+
+    def files_up_to_1mb():  # as a disk that fills up: a file's write past 1 MB fails
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    full = subprocess.run([sys.executable, "-m", "pipelines.cli", "ingest", *(x for o in sets for x in ("--set", o))],
+                          capture_output=True, text=True, timeout=300, preexec_fn=files_up_to_1mb)
+    last = full.stderr.strip().splitlines()[-1]
+    assert full.returncode == 1
+    assert last.startswith(f"error: writing the new version of fashion_mnist under {tmp_path}/datasets/fashion_mnist "
+                           f"failed (java.io.IOException: File too large); nothing was published"), last
+    name_dir = tmp_path / "datasets" / "fashion_mnist"
+    assert latest_version(tmp_path / "datasets", "fashion_mnist") == first["version"]
+    assert sorted(n for n in os.listdir(name_dir) if not n.startswith(".")) == ["LATEST", first["version"]]
