@@ -6,7 +6,7 @@ GPU ?= 0
 CONF ?= conf/local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast benchmarks clean-var
+.PHONY: setup demo test test-fast benchmarks reliability clean-var
 
 # Re-run setup when the pins or the package definition change; otherwise this is a no-op.
 $(VENV)/.setup-done: setup.py pyproject.toml constraints.txt scripts/setup.sh
@@ -26,6 +26,9 @@ test-fast: $(VENV)/.setup-done
 
 benchmarks: $(VENV)/.setup-done
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash -c 'for b in benchmarks/*.py; do $(PY) $$b || exit 1; done'
+
+reliability: $(VENV)/.setup-done
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/reliability.py $(PYTEST_ARGS)
 
 clean-var:
 	rm -rf var

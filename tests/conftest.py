@@ -41,3 +41,33 @@ def spark(tmp_path_factory):
 @pytest.fixture
 def cfg_factory(tmp_path):
     return lambda *overrides: make_config(tmp_path, *overrides)
+
+
+# `make reliability` (scripts/reliability.py) runs the tests marked `fault` with this set to a JSON-lines file: one
+# row per test, with what the test observed (the `observe` fixture) and whether it passed.
+FAULT_REPORT_VAR = "SPARKVISION_FAULT_REPORT"
+
+
+@pytest.fixture
+def observe(request):
+    """`observe(key=value, ...)`: what a fault test saw, for its row in the reliability table."""
+    facts: dict = {}
+    request.node.observed = facts
+    return facts.update
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    marker, path = item.get_closest_marker("fault"), os.environ.get(FAULT_REPORT_VAR)
+    if marker is None or not path or report.when != "call":
+        return
+    import json
+
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    row = {"fault": marker.args[0].format(**params), "kind": marker.kwargs.get("kind", "fault"),
+           "test": item.nodeid, "passed": report.passed, "seconds": round(report.duration, 1),
+           "shows": marker.kwargs.get("shows", ""), "observed": getattr(item, "observed", {})}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row, default=str) + "\n")

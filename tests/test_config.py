@@ -51,6 +51,8 @@ def test_bad_values_name_the_key_and_the_source(overrides, message):
     assert message in str(err.value)
 
 
+@pytest.mark.fault('a config with an unknown key', kind='bad_input',
+                   shows='config error naming the file and key, exit 2')
 def test_unknown_key_in_a_file_names_that_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("spark:\n  mastr: local[1]\n")
@@ -58,6 +60,8 @@ def test_unknown_key_in_a_file_names_that_file(tmp_path):
         load_config([bad])
 
 
+@pytest.mark.fault('a config value of the wrong type', kind='bad_input',
+                   shows='config error naming the file and key, exit 2')
 def test_wrong_type_in_a_file_names_that_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  num_proc: [2]\n")

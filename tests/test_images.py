@@ -60,6 +60,7 @@ def test_bad_bytes_are_quarantined(data, reason):
     assert q.value.reason == reason
 
 
+@pytest.mark.fault('a truncated JPEG', kind='bad_input', shows='quarantined as truncated')
 def test_truncated_jpeg_is_quarantined():
     data = png_bytes(photo("chelsea"), "JPEG")
     with pytest.raises(Quarantined) as q:
@@ -67,6 +68,7 @@ def test_truncated_jpeg_is_quarantined():
     assert q.value.reason == TRUNCATED
 
 
+@pytest.mark.fault('a decompression bomb', kind='security', shows='refused from the header (5000x5000) before decoding')
 def test_decompression_bomb_is_refused_from_the_header():
     bomb = png_bytes(Image.new("1", (5000, 5000)))  # small file, 25 Mpx
     with pytest.raises(Quarantined) as q:

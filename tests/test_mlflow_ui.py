@@ -18,6 +18,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.fault('what `sparkvision ui` listens on, and its stop ({sig})', kind='security',
+                   shows='127.0.0.1 only; every process it started ends')
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_the_ui_serves_the_store_and_a_stop_ends_every_process_it_started(tmp_path, sig):
     port = free_port()

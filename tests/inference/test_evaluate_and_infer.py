@@ -172,6 +172,7 @@ def test_the_registered_model_scores_with_mlflow_spark_udf_as_predict_does(spark
     assert tuple(sizes) == (28 * 28, 28 * 28)  # every row, not one of them
 
 
+@pytest.mark.fault('what `sparkvision serve` listens on', kind='security', shows='127.0.0.1 only')
 def test_serve_answers_rest_requests_like_the_model_and_stops_on_ctrl_c(trained, tmp_path):
     """`sparkvision serve`: MLflow's scoring server on 127.0.0.1, quiet, one line; a taken port is a clear error."""
     import json
@@ -262,6 +263,7 @@ def test_infer_on_raw_files_quarantines_bad_ones(spark, trained, tmp_path):
     assert set(q["reason"]) == {"empty_file", "truncated", "not_an_image", "too_many_pixels"}
 
 
+@pytest.mark.fault('an inference input that is wrong: {message}', kind='bad_input', shows='one error, nothing written')
 @pytest.mark.parametrize("extra, message", [
     (["infer.model_uri=models:/nope/7"], "model models:/nope/7 not found"),
     (["infer.input_type=table", "infer.input={tmp}/table", "infer.image_column=pixels"], "no image column 'pixels'"),
@@ -281,6 +283,8 @@ def test_bad_inference_inputs_fail_clearly_and_write_nothing(spark, trained, tmp
     assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
 
 
+@pytest.mark.fault('a published dataset whose files no longer match its manifest', kind='fault',
+                   shows='train and evaluate refuse it before starting, naming the changed, missing or extra file')
 def test_a_dataset_whose_files_no_longer_match_its_manifest_is_refused_naming_the_file(spark, trained, tmp_path):
     import shutil
 

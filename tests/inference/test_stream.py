@@ -106,6 +106,8 @@ def wait_for_batches(proc, n: int, lines: list[str], timeout: float = 240) -> No
         lines.append(proc.stderr.readline())
 
 
+@pytest.mark.fault('streaming inference stopped, then SIGKILLed, while files arrive', kind='fault',
+                   shows='every file scored exactly once across the restarts')
 def test_files_arriving_while_it_runs_are_scored_exactly_once_across_a_stop_and_a_kill(spark, champion, tmp_path):
     inbox, output = tmp_path / "inbox", tmp_path / "out"
     proc, lines = stream_in_a_subprocess(champion, inbox, output), []

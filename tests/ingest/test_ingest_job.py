@@ -28,6 +28,8 @@ def folder_cfg(cfg_factory, root, *extra):
         "ingest.split.test=0.2", "ingest.files_per_split=1", *extra)
 
 
+@pytest.mark.fault('every corrupt image kind in a folder (empty, truncated, not an image, too many pixels, unknown label, label conflict, duplicates)', kind='bad_input',
+                   shows='each quarantined with its reason; rows + quarantined + duplicates = files seen')
 def test_folder_ingest_accounts_for_every_file(spark, cfg_factory, tree):
     root, expected = tree
     out = run_ingest(spark, folder_cfg(cfg_factory, root))
@@ -63,6 +65,7 @@ def test_ingest_is_idempotent_and_keeps_splits_stable(spark, cfg_factory, tree):
     assert second["unchanged"] and second["version"] == first["version"]
 
 
+@pytest.mark.fault('ingest failing while verifying', kind='fault', shows='previous version untouched, no staging left')
 def test_failed_publish_leaves_previous_version_untouched(spark, cfg_factory, tree, monkeypatch):
     root, _ = tree
     cfg = folder_cfg(cfg_factory, root)
@@ -83,8 +86,11 @@ def test_failed_publish_leaves_previous_version_untouched(spark, cfg_factory, tr
     # partial version, no staging left
 
 
+@pytest.mark.fault('ingest SIGKILLed mid-write', kind='fault',
+                   shows="the previous version's files unchanged and still LATEST, no partial version visible; "
+                         "the next run removes the staging folder and publishes")
 def test_an_ingest_killed_mid_write_leaves_the_previous_version_whole_and_the_next_run_cleans_up(
-        spark, cfg_factory, tree):
+        spark, cfg_factory, tree, observe):
     import os
     import signal
     import subprocess
@@ -122,6 +128,8 @@ def test_an_ingest_killed_mid_write_leaves_the_previous_version_whole_and_the_ne
     assert "[ingest] removed 1 staging folder(s) left by a killed ingest of photos" in again.stderr
     assert not [n for n in os.listdir(name_dir) if n.startswith(("_staging-", ".staging-"))]
     assert latest_version(cfg.paths.datasets_root, "photos") != first["version"] and files() == before
+    observe(**{"previous version's files unchanged": len(before),
+               "after the next run": f"LATEST {latest_version(cfg.paths.datasets_root, 'photos')}, no staging left"})
 
 
 def _files_under(folder: str) -> list[str]:
@@ -169,6 +177,8 @@ def test_idx_slice_keeps_its_own_test_set_and_petastorm_reads_every_split(spark,
             assert rows == splits[split]
 
 
+@pytest.mark.fault('IDX files with a wrong magic or mismatched counts', kind='bad_input',
+                   shows='one error naming the file')
 def test_bad_idx_files_are_clear_errors(spark, cfg_factory, tmp_path):
     src = write_idx_slice(tmp_path / "idx", train=100, test=10)
     import gzip
@@ -188,6 +198,8 @@ def test_bad_idx_files_are_clear_errors(spark, cfg_factory, tmp_path):
         run_ingest(spark, cfg_factory(f"ingest.source.path={src}"))
 
 
+@pytest.mark.fault('an empty or missing input folder, or only bad images', kind='bad_input',
+                   shows='one error, nothing published')
 def test_missing_or_all_bad_input_fails_clearly(spark, cfg_factory, tmp_path):
     with pytest.raises(PipelineError, match="image folder not found"):
         run_ingest(spark, folder_cfg(cfg_factory, tmp_path / "nope"))
@@ -230,6 +242,8 @@ def test_a_skewed_ingest_cuts_the_named_classes_in_training_only(spark, cfg_fact
         run_ingest(spark, cfg_factory(f"ingest.source.path={src}", "ingest.name=typo", "ingest.skew_classes=[Shrit]"))
 
 
+@pytest.mark.fault('an output path that cannot be written', kind='fault',
+                   shows='one line naming paths.datasets_root, before any decoding')
 def test_an_unwritable_datasets_root_is_refused_before_any_work(tree, tmp_path):
     import subprocess
     import sys
@@ -238,13 +252,16 @@ def test_an_unwritable_datasets_root_is_refused_before_any_work(tree, tmp_path):
     (tmp_path / "a_file").write_text("")
     sets = ["ingest.name=photos", "ingest.source.type=folder", f"ingest.source.path={root}",
             "ingest.source.label_names=null", f"paths.datasets_root={tmp_path}/a_file/datasets"]
-    refused = subprocess.run([sys.executable, "-m", "pipelines.cli", "ingest", *(x for o in sets for x in ("--set", o))],
-                             capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "pipelines.cli", "ingest", *(x for o in sets for x in ("--set", o))]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines() == [f"error: cannot write to paths.datasets_root "
                                                    f"{tmp_path}/a_file/datasets/photos: Not a directory"]
 
 
+@pytest.mark.fault('a write that fails midway (a full disk: a file-size limit on the job)', kind='fault',
+                   shows='one line with the cause (java.io.IOException: File too large), nothing published, '
+                         'LATEST unchanged')
 def test_a_write_that_fails_midway_publishes_nothing_and_names_the_cause(spark, cfg_factory, tmp_path):
     import os
     import resource

@@ -6,6 +6,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from pipelines.dataset.contract import latest_version, read_manifest
 from pipelines.ingest.publish import Staging
 
@@ -24,6 +26,8 @@ def hold_a_staging(root) -> tuple[subprocess.Popen, str]:
     return proc, proc.stdout.readline().strip()
 
 
+@pytest.mark.fault("a killed ingest's staging folder beside a live one", kind='fault',
+                   shows="the next run removes the killed one's at once (its lock is free) and never the live one's")
 def test_the_next_run_removes_a_killed_runs_staging_and_keeps_a_live_ones(tmp_path):
     killed, killed_path = hold_a_staging(tmp_path)
     live, live_path = hold_a_staging(tmp_path)
@@ -50,6 +54,8 @@ def publish(root: str, digest: str, rows: int, out) -> None:
     out.put(staging.publish_unless_same({"content_digest": digest, "rows": rows}))
 
 
+@pytest.mark.fault('ingests of one dataset at once', kind='fault',
+                   shows='the same content: one version; different content: one whole version each, LATEST the newest')
 def test_ingests_publishing_at_once_give_whole_versions_and_latest_is_the_newest(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()

@@ -47,6 +47,8 @@ def cfg_for(small, *extra):
     return make_config(root, *overrides, *extra)
 
 
+@pytest.mark.fault('what training listens on (Horovod services, Gloo, Spark)', kind='security',
+                   shows='127.0.0.1 only, on a local master')
 def test_two_workers_train_in_sync_and_log_everything(spark, small):
     _, _, ingested = small
     from pipelines.train.data import open_batch_reader
@@ -139,6 +141,8 @@ def failing_worker(spec):
     return train_worker(spec)
 
 
+@pytest.mark.fault('a worker raising an error of its own', kind='fault',
+                   shows='FAILED at once with that error, not retried')
 def test_a_failing_worker_fails_the_run_without_hanging(spark, small):
     cfg = cfg_for(small, "train.timeout_s=300")
     with pytest.raises(PipelineError, match=r"training failed on a Horovod worker \(RuntimeError: worker 1 exploded\)"):
@@ -169,7 +173,10 @@ def worker_killed_once_in_epoch_2(spec):
     return train_worker(spec)
 
 
-def test_a_killed_worker_is_relaunched_from_the_last_checkpoint_in_the_same_run(spark, small, tmp_path, capsys):
+@pytest.mark.fault('a training worker SIGKILLed mid-epoch (train.max_restarts 2)', kind='fault',
+                   shows="relaunched from the last epoch's checkpoint in the same run; FINISHED, each epoch logged once, a restart_1 tag naming rank, host, pid and SIGKILL")
+def test_a_killed_worker_is_relaunched_from_the_last_checkpoint_in_the_same_run(spark, small, tmp_path, capsys,
+                                                                              observe):
     cfg = cfg_for(small, "train.epochs=3", f"paths.checkpoints_root={tmp_path}/ck")
     out = run_train(spark, cfg, worker_fn=worker_killed_once_in_epoch_2)
     assert (tmp_path / "ck" / "killed_once").read_text() == out["run_id"]  # it was killed, in this run
@@ -182,13 +189,17 @@ def test_a_killed_worker_is_relaunched_from_the_last_checkpoint_in_the_same_run(
     assert [(m.step, m.value) for m in client.get_metric_history(out["run_id"], "restarts")] == [(1, 1.0)]
     for key in ("loss", "val_accuracy"):  # every epoch logged once: none lost, none twice
         assert sorted(m.step for m in client.get_metric_history(out["run_id"], key)) == [0, 1, 2]
+    observe(**{"run": run.info.status, "restarts": 1, "epochs logged": [0, 1, 2], "epochs recomputed": 1,
+               "val_accuracy": round(out["metrics"]["val_accuracy"], 4), "seconds": out["seconds"]})
     err = capsys.readouterr().err
     assert re.search(r"\[train\] worker rank 1 \(on \S+, pid \d+\) was killed by SIGKILL \(exit code 137\); "
                      r"restart 1 of 2 from the checkpoint of epoch 1\n\[train\] epoch 2/3: ", err), err
 
 
+@pytest.mark.fault("the same with train.max_restarts 0, then the workflow task's retry", kind='fault',
+                   shows='FAILED with one line naming the dead worker and --resume; the retry resumes the same run to the end')
 def test_with_restarts_off_a_killed_worker_fails_the_run_naming_it_and_a_workflow_retry_resumes_it(
-        spark, small, tmp_path, monkeypatch):
+        spark, small, tmp_path, monkeypatch, observe):
     from pipelines.environment import TASK_RUN_FILE_VAR
 
     monkeypatch.setenv(TASK_RUN_FILE_VAR, str(tmp_path / "train.run"))  # as the workflow runner sets it
@@ -198,13 +209,16 @@ def test_with_restarts_off_a_killed_worker_fails_the_run_naming_it_and_a_workflo
                                             r"was killed by SIGKILL \(exit code 137\); worker log: .*workers.log "
                                             r"\(train.max_restarts=0\); continue with --resume \w+$") as lost:
         run_train(spark, cfg, worker_fn=worker_killed_once_in_epoch_2)
-    assert time.monotonic() - started < 240  # detected and failed, not hung until a timeout
+    failed_after = time.monotonic() - started
+    assert failed_after < 240  # detected and failed, not hung until a timeout
     run_id = str(lost.value).rsplit(" ", 1)[-1]
     assert mlflow.get_run(run_id).info.status == "FAILED"
     assert (tmp_path / "train.run").read_text() == run_id
     resumed = run_train(spark, cfg)  # the task's retry: the same command, no --resume
     assert resumed["run_id"] == run_id and resumed["epochs_run"] == 3
     assert mlflow.get_run(run_id).data.tags["resumed_at_epoch_2"] == "no changes"
+    observe(**{"failed after s (from the start)": round(failed_after), "run": "FAILED, then FINISHED by the retry",
+               "epochs logged": [0, 1, 2]})
     assert sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "loss")) == [0, 1, 2]
 
 
@@ -286,6 +300,8 @@ def train_in_a_subprocess(small, epochs: int):
     return proc, lines
 
 
+@pytest.mark.fault('SIGTERM to the training {to}', kind='fault',
+                   shows='exit 143, run KILLED with a --resume hint, no process left')
 @pytest.mark.parametrize("to", ["driver", "process_group"])  # `kill PID`; a workflow task timeout, Ctrl-C
 def test_sigterm_stops_the_workers_and_ends_the_run_killed_ready_to_resume(small, to):
     import signal
@@ -313,6 +329,7 @@ def test_sigterm_stops_the_workers_and_ends_the_run_killed_ready_to_resume(small
     assert left == ""  # no Horovod worker, Spark JVM or executor left behind
 
 
+@pytest.mark.fault('--resume of an unknown or non-training run', kind='bad_input', shows='one error naming the run')
 def test_resume_of_unknown_run_is_a_clear_error(spark, small):
     with pytest.raises(PipelineError, match="no such MLflow run"):
         run_train(spark, cfg_for(small), resume="0123456789abcdef")
@@ -357,6 +374,8 @@ def test_batch_norm_statistics_stay_identical_across_workers(spark, small):
     assert out["weights_in_sync"] and out["workers"] == 2
 
 
+@pytest.mark.fault('the training driver SIGKILLed (as by the OOM killer)', kind='fault',
+                   shows='a resume while it trains is refused; after the kill the resume completes the same run')
 def test_a_run_still_training_cannot_be_resumed_but_one_whose_driver_was_killed_can(spark, small):
     import signal
 

@@ -25,6 +25,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.fault('what `sparkvision cluster up` listens on', kind='security',
+                   shows='master, workers and tracking server on 127.0.0.1 (cluster.host)')
 def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path):
     ports = {"master": free_port(), "ui": free_port(), "mlflow": free_port()}
     src = write_idx_slice(tmp_path / "idx", train=1500, test=300)

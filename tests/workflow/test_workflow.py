@@ -111,6 +111,8 @@ def task(key, params, deps=(), **kw):
             "spark_python_task": {"python_file": "task.py", "parameters": params}, **kw}
 
 
+@pytest.mark.fault('a secret passed with --set to a workflow run', kind='security',
+                   shows='the run record and task logs show `***`')
 @pytest.mark.slow
 def test_runner_retries_hands_values_downstream_and_records_the_run(tmp_path, cfg_factory):
     f = toy_workflow(tmp_path, [
@@ -168,6 +170,7 @@ def test_failure_stops_dependents_and_repair_reruns_from_the_failed_task(tmp_pat
     assert len(repaired.tasks["b"]["attempts"]) == 2
 
 
+@pytest.mark.fault('a workflow task past its timeout_seconds', kind='fault', shows='killed, TIMEDOUT')
 @pytest.mark.slow
 def test_timeout_kills_the_task(tmp_path, cfg_factory):
     f = toy_workflow(tmp_path, [task("s", ["slow"], timeout_seconds=8)])
