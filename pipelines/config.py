@@ -204,6 +204,7 @@ class ClusterConfig:
     worker_cores: int
     worker_memory: str
     mlflow_port: int
+    mlflow_auth: bool
     state_dir: str
 
 

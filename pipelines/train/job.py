@@ -20,7 +20,7 @@ from pipelines.storage import check_writable
 from pipelines.train import checkpoints as ck
 from pipelines.train.launch import check_task_slots
 from pipelines.train.mlflow_logging import log_final, log_model, log_resume, log_start
-from pipelines.train.restarts import run_workers_restarting
+from pipelines.train.restarts import log_missing_epochs, run_workers_restarting
 from pipelines.train.spec import WorkerSpec, steps_per_epoch, training_data, worker_spec
 from pipelines.train.worker import train_worker
 
@@ -58,6 +58,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
                          f"{t.num_proc} Horovod worker(s), epochs {state.epoch + 1}..{t.epochs}, "
                          f"batch {t.batch_size}/worker, {t.optimizer} lr {t.learning_rate:g}")
             results = run_workers_restarting(spark, worker_fn, spec)
+            log_missing_epochs(spec, results[0]["history"])  # an epoch rank 0 could not log (the server was down)
             outcome = record_results(cfg, manifest, results)
     took = time.perf_counter() - started
     say("train", finished_line(cfg, run_id, outcome, took))

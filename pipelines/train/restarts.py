@@ -55,8 +55,9 @@ def record_restart(number: int, epoch: int, cause: str) -> None:
 
 
 def log_missing_epochs(spec: WorkerSpec, history: list[dict[str, Any]]) -> None:
-    """Rank 0 checkpoints an epoch before it logs the epoch's metrics: killed in between, the epoch is complete but
-    unlogged. Log those from the checkpoint's history, so each epoch is logged exactly once."""
+    """Epochs in `history` that the run has no metrics for, logged now: rank 0 checkpoints an epoch before it logs
+    it (killed in between, the epoch is complete but unlogged), and its logging gives up while the tracking server
+    is unreachable rather than stop training. So each epoch is logged exactly once."""
     from mlflow import MlflowClient
 
     from pipelines.train.mlflow_logging import log_epoch

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -13,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.config import Config, resolve_path
+from pipelines.config import ClusterConfig, Config, ConfigError, resolve_path
 from pipelines.console import emit_result, say
 from pipelines.environment import child_env
 from pipelines.errors import PipelineError
@@ -91,10 +92,11 @@ def cluster_up(cfg: Config, workers: int | None = None) -> dict:
                                                   "--work-dir", str(state / "work")], state, env)
             record(f"worker{i + 1}", proc, log)
         backend = f"sqlite:///{state / 'mlflow.db'}"
+        auth, server_env = tracking_auth(c, state, env)
         proc, log = _start("mlflow", [sys.executable, "-m", "mlflow", "server", "--host", c.host,
                                       "--port", str(c.mlflow_port), "--backend-store-uri", backend,
                                       "--artifacts-destination", str(state / "mlartifacts"),
-                                      "--serve-artifacts", "--workers", "1"], state, env)
+                                      "--serve-artifacts", "--workers", "1", *auth], state, server_env)
         record("mlflow", proc, log)
         _wait_port(c.host, c.mlflow_port, 120, proc, log)
         _wait_workers(c.host, c.master_webui_port, workers or c.workers, 60)
@@ -102,10 +104,29 @@ def cluster_up(cfg: Config, workers: int | None = None) -> dict:
         cluster_down(cfg)
         raise
     info = {"master": master, "master_ui": f"http://{c.host}:{c.master_webui_port}",
-            "mlflow": f"http://{c.host}:{c.mlflow_port}", "workers": workers or c.workers,
+            "mlflow": f"http://{c.host}:{c.mlflow_port}", "mlflow_auth": c.mlflow_auth, "workers": workers or c.workers,
             "state_dir": str(state), "pids": {k: v["pid"] for k, v in started.items()}}
     (state / "cluster.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def tracking_auth(c: ClusterConfig, state: Path, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """With cluster.mlflow_auth: MLflow's basic-auth app, its admin the MLFLOW_TRACKING_USERNAME/PASSWORD of the
+    environment (what every job and worker sends), its users in the state folder, a fresh Flask secret per start.
+    Returns the server's extra arguments and its environment."""
+    if not c.mlflow_auth:
+        return [], env
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if not user or not password:
+        raise ConfigError("cluster.mlflow_auth needs MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the "
+                          "environment: the tracking server's admin, and what jobs and workers log in with")
+    ini = state / "mlflow_auth.ini"
+    ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{state / 'mlflow_auth.db'}\n"
+                   f"admin_username = {user}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return ["--app-name", "basic-auth"], {**env, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+                                          "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+                                          "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
 
 
 def _wait_workers(host: str, ui_port: int, expected: int, seconds: float) -> None:
@@ -159,7 +180,8 @@ def cluster_command(args: argparse.Namespace, cfg: Config) -> int:
     if args.action == "up":
         info = cluster_up(cfg, args.workers)
         say("cluster", f"Spark master {info['master']} (UI {info['master_ui']}), {info['workers']} workers, "
-                       f"MLflow {info['mlflow']}; logs in {info['state_dir']}")
+                       f"MLflow {info['mlflow']}" + (" (login required: MLFLOW_TRACKING_USERNAME / PASSWORD)"
+                                                     if info["mlflow_auth"] else "") + f"; logs in {info['state_dir']}")
         emit_result(info)
     elif args.action == "down":
         out = cluster_down(cfg)

@@ -222,6 +222,71 @@ def test_with_restarts_off_a_killed_worker_fails_the_run_naming_it_and_a_workflo
     assert sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "loss")) == [0, 1, 2]
 
 
+def start_tracking_server(store: str, port: int):
+    """A real MLflow tracking server on 127.0.0.1:`port` over the SQLite store `store`, once it answers."""
+    import subprocess
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", store, "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("the tracking server did not start")
+
+
+def stop_group(proc) -> None:
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+@pytest.mark.fault("the MLflow tracking server stopped during training and started again 10 s later", kind="fault",
+                   shows="training goes on; the run FINISHED with every epoch's metrics logged once")
+def test_training_goes_on_while_the_tracking_server_restarts_and_loses_no_epoch(spark, small, tmp_path, observe):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = f"sqlite:///{tmp_path}/server.db"
+    server = start_tracking_server(store, port)
+    holder = {"server": server}
+    cfg = cfg_for(small, "train.epochs=3", f"mlflow.tracking_uri=http://127.0.0.1:{port}",
+                  f"paths.checkpoints_root={tmp_path}/ck")
+
+    def restart_after_epoch_1():
+        ck_root = tmp_path / "ck"
+        while not any(p.read_text().count("\n") >= 1 for p in ck_root.glob("*/progress.jsonl")):
+            time.sleep(0.05)
+        stop_group(holder["server"])
+        time.sleep(10)
+        holder["server"] = start_tracking_server(store, port)
+        holder["down_s"] = 10
+
+    outage = threading.Thread(target=restart_after_epoch_1, daemon=True)
+    outage.start()
+    try:
+        out = run_train(spark, cfg)
+        outage.join(timeout=180)
+        assert holder.get("down_s") == 10  # the server was down during training
+        client = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        assert client.get_run(out["run_id"]).info.status == "FINISHED"
+        for key in ("loss", "val_accuracy"):
+            assert sorted(m.step for m in client.get_metric_history(out["run_id"], key)) == [0, 1, 2]
+        observe(**{"run": "FINISHED", "epochs logged": [0, 1, 2], "server down s": 10, "seconds": out["seconds"]})
+    finally:
+        stop_group(holder["server"])
+        mlflow.set_tracking_uri(f"sqlite:///{small[0]}/mlflow.db")  # the module's store, for the tests after
+
+
 def worker_missing_the_checkpoints(spec):
     import dataclasses
 

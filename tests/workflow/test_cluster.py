@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -25,15 +27,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.fault('what `sparkvision cluster up` listens on', kind='security',
-                   shows='master, workers and tracking server on 127.0.0.1 (cluster.host)')
-def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path):
+@pytest.mark.fault('what `sparkvision cluster up` listens on, with cluster.mlflow_auth', kind='security',
+                   shows='master, workers and tracking server on 127.0.0.1 (cluster.host); a request without '
+                         'credentials is refused (401); the whole workflow runs logged in')
+def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path, monkeypatch):
+    # the tracking server requires a login; every job and worker sends these (MLflow reads them from the environment)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "sparkvision-admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-a-real-secret-42")
     ports = {"master": free_port(), "ui": free_port(), "mlflow": free_port()}
     src = write_idx_slice(tmp_path / "idx", train=1500, test=300)
     overrides = [
         f"cluster.state_dir={tmp_path}/cluster", f"cluster.master_port={ports['master']}",
         f"cluster.master_webui_port={ports['ui']}", f"cluster.mlflow_port={ports['mlflow']}",
-        "cluster.worker_memory=2g",
+        "cluster.worker_memory=2g", "cluster.mlflow_auth=true",
         f"spark.master=spark://127.0.0.1:{ports['master']}", "spark.executor_memory=1500m", "spark.driver_memory=2g",
         f"mlflow.tracking_uri=http://127.0.0.1:{ports['mlflow']}",
         f"paths.datasets_root={tmp_path}/shared/datasets", f"paths.checkpoints_root={tmp_path}/shared/checkpoints",
@@ -50,6 +56,10 @@ def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path):
         for pid in pids:  # their RPC ports, web UIs and the tracking server: on cluster.host, 127.0.0.1 here
             listening = listening_addresses(pid)
             assert listening and all(is_loopback(ip) for ip, _ in listening), listening
+        with pytest.raises(urllib.error.HTTPError) as refused:  # no credentials, no access
+            urllib.request.urlopen(f"http://127.0.0.1:{ports['mlflow']}/api/2.0/mlflow/experiments/search"
+                                   "?max_results=1", timeout=30)
+        assert refused.value.code == 401
         cmd = [sys.executable, "-m", "pipelines.cli", "workflow", "run", str(ROOT / "jobs/workflows/fashion_mnist.yaml"),
                "--conf", str(ROOT / "conf/cluster.yaml"), *[x for o in overrides for x in ("--set", o)]]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1500,
