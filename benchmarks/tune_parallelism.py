@@ -3,7 +3,9 @@ tune.parallelism trials at once as Spark tasks on this machine, in one run; tria
 
     .venv/bin/python benchmarks/tune_parallelism.py [--trials 6] [--parallelism 2] [--epochs 2] [--rows 6000]
 
-Pruning is off (startup_trials = trials), so both studies train the same number of epochs.
+Pruning is off (startup_trials = trials), so both studies train the same number of epochs. Then the bound that no
+scheduler can beat on this machine: one trial's own process (the study's first trial, re-run with its spec, no Spark
+and no Optuna storage) alone on every core, and two of them at once, one core each.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+from pathlib import Path
 
 from common import BENCH_DIR, ROOT, bench_dataset, report
 
@@ -49,11 +52,54 @@ def main() -> None:
         out = run_tune(spark, run)
         seconds[parallelism] = out["seconds"]
     spark.stop()
+    alone, pair = bare_trial_seconds(work / "p1" / "trials" / "trial-0", f"sqlite:///{work}/mlflow.db")
     per_hour = {p: args.trials * 3600 / s for p, s in seconds.items()}
     report(f"tune: {args.trials} trials of {args.epochs} epoch(s) on {args.rows} rows, mnist_cnn, {os.cpu_count()} cores",
            [("one trial at a time", per_hour[1], "trials/hour"),
             (f"{args.parallelism} trials at once (Spark tasks)", per_hour[args.parallelism], "trials/hour")],
            f"{args.parallelism} at once vs one at a time", per_hour[args.parallelism] / per_hour[1], 1.6)
+    report("the bound: one trial's own process, no Spark, no Optuna storage",
+           [("one alone, every core", alone, "s"), ("two at once, one core each", pair, "s (both done)")],
+           "two at once vs one after the other", 2 * alone / pair, 1.6)
+
+
+def bare_trial_seconds(trial_dir, tracking_uri: str) -> tuple[float, float]:
+    """Seconds for a finished trial's child process re-run alone, and for two copies of it at once, each pinned to
+    its own core; each copy logs to a new run of the study's experiment."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from mlflow import MlflowClient
+
+    from pipelines.tune.trial import SPEC_FILE
+
+    job = json.loads((trial_dir / SPEC_FILE).read_text())
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_run(job["spec"]["run_id"]).info.experiment_id
+
+    def copies(n: int) -> list[str]:
+        dirs = []
+        for _ in range(n):
+            d = tempfile.mkdtemp(prefix="bare-trial-", dir=trial_dir.parent)
+            spec = {**job["spec"], "checkpoint_dir": d, "run_id": client.create_run(experiment).info.run_id}
+            (Path(d) / SPEC_FILE).write_text(json.dumps({**job, "spec": spec}))
+            dirs.append(d)
+        return dirs
+
+    def run(dirs: list[str], cores: list[list[int]] | None) -> float:
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-m", "pipelines.tune.trial_process", d],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  preexec_fn=(lambda c=c: os.sched_setaffinity(0, c)) if c else None)
+                 for d, c in zip(dirs, cores or [None] * len(dirs))]
+        if any(p.wait() for p in procs):
+            raise SystemExit("a bare trial failed")
+        return time.perf_counter() - t0
+
+    cpus = sorted(os.sched_getaffinity(0))
+    return run(copies(1), None), run(copies(2), [[cpus[0]], [cpus[1 % len(cpus)]]])
 
 
 if __name__ == "__main__":

@@ -60,14 +60,15 @@ def observe(request):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    marker, path = item.get_closest_marker("fault"), os.environ.get(FAULT_REPORT_VAR)
-    if marker is None or not path or report.when != "call":
+    markers, path = list(item.iter_markers("fault")), os.environ.get(FAULT_REPORT_VAR)
+    if not markers or not path or report.when != "call":
         return
     import json
 
     params = getattr(getattr(item, "callspec", None), "params", {})
-    row = {"fault": marker.args[0].format(**params), "kind": marker.kwargs.get("kind", "fault"),
-           "test": item.nodeid, "passed": report.passed, "seconds": round(report.duration, 1),
-           "shows": marker.kwargs.get("shows", ""), "observed": getattr(item, "observed", {})}
     with open(path, "a") as fh:
-        fh.write(json.dumps(row, default=str) + "\n")
+        for marker in markers:  # a test may stand for more than one row
+            row = {"fault": marker.args[0].format(**params), "kind": marker.kwargs.get("kind", "fault"),
+                   "test": item.nodeid, "passed": report.passed, "seconds": round(report.duration, 1),
+                   "shows": marker.kwargs.get("shows", ""), "observed": getattr(item, "observed", {})}
+            fh.write(json.dumps(row, default=str) + "\n")

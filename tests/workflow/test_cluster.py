@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.config import load_config
+from pipelines.ingest.job import run_ingest
 from pipelines.workflow.cluster import _alive, cluster_down, cluster_up
 from tests.conftest import make_config
 from tests.fixtures import is_loopback, listening_addresses, write_idx_slice
@@ -27,10 +30,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.fault('a Spark executor JVM SIGKILLed during ingest on the standalone cluster', kind='fault',
+                   shows='Spark retries the tasks; the published version has the digest of an undisturbed run')
 @pytest.mark.fault('what `sparkvision cluster up` listens on, with cluster.mlflow_auth', kind='security',
                    shows='master, workers and tracking server on 127.0.0.1 (cluster.host); a request without '
                          'credentials is refused (401); the whole workflow runs logged in')
-def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path, monkeypatch):
+def kill_an_executor_mid_ingest(runs: Path, killed: dict) -> None:
+    """SIGKILL the first executor JVM once the workflow's ingest has listed its source (it is decoding now)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        logs = list(runs.glob("workflows/*/*/ingest.attempt1.log"))
+        if logs and "[ingest] listing" in logs[0].read_text(errors="replace"):
+            break
+        time.sleep(0.1)
+    while time.monotonic() < deadline:
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if "CoarseGrainedExecutorBackend" in " ".join(p.info["cmdline"] or []):
+                p.kill()
+                killed["pid"] = p.info["pid"]
+                return
+        time.sleep(0.05)
+
+
+def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path, monkeypatch, spark, observe):
+    killed: dict = {}
     # the tracking server requires a login; every job and worker sends these (MLflow reads them from the environment)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "sparkvision-admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-a-real-secret-42")
@@ -62,11 +89,22 @@ def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path, 
         assert refused.value.code == 401
         cmd = [sys.executable, "-m", "pipelines.cli", "workflow", "run", str(ROOT / "jobs/workflows/fashion_mnist.yaml"),
                "--conf", str(ROOT / "conf/cluster.yaml"), *[x for o in overrides for x in ("--set", o)]]
+        killer = threading.Thread(target=kill_an_executor_mid_ingest, args=(tmp_path / "runs", killed), daemon=True)
+        killer.start()
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1500,
                              env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
         assert res.returncode == 0, res.stderr[-3000:]
         run = json.loads(res.stdout.strip().splitlines()[-1])
         values = {k: v["values"] for k, v in run["tasks"].items()}
+        # the executor killed while ingest decoded: Spark ran its tasks again, and the version is the one an
+        # undisturbed ingest of the same source publishes
+        assert killed.get("pid"), "no executor was killed during ingest"
+        assert "Lost executor" in Path(run["tasks"]["ingest"]["log"]).read_text()
+        local = load_config([ROOT / "conf/cluster.yaml"], [*overrides, "spark.master=local[2]",
+                                                            f"paths.datasets_root={tmp_path}/undisturbed"])
+        assert run_ingest(spark, local)["content_digest"] == values["ingest"]["content_digest"]
+        observe(**{"executor SIGKILLed during ingest": f"pid {killed['pid']}", "ingest": "SUCCESS, digest equal to "
+                   "an undisturbed run's", "workflow": run["status"]})
         assert values["train"]["workers"] == 2
         assert values["evaluate"]["decision"] == "champion"
 
