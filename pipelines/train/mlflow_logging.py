@@ -110,7 +110,12 @@ def log_resume(cfg: Config, start_epoch: int, changed: list[tuple[str, str, str]
     """A resume cannot change the run's params (its first settings): record what it changed instead."""
     import mlflow
 
+    run = mlflow.active_run().info.run_id
     mlflow.set_tag(f"resumed_at_epoch_{start_epoch + 1}",
                    ", ".join(f"{k}: {old} -> {new}" for k, old, new in changed) or "no changes")
+    error = mlflow.get_run(run).data.tags.get("error")
+    if error:  # the error that stopped it belongs to its history now, not to the run that goes on
+        mlflow.set_tag(f"error_before_epoch_{start_epoch + 1}", error)
+        mlflow.MlflowClient().delete_tag(run, "error")
     mlflow.log_dict(redacted_dict(cfg.to_dict()), f"config_resumed_at_epoch_{start_epoch + 1}.yaml")
 

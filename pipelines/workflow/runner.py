@@ -102,9 +102,10 @@ def list_runs(cfg: Config) -> list[RunRecord]:
 
 
 class StageEcho:
-    """Shows a running task's own stage lines (`[train] epoch 3/12 ...`) as they are written to its log."""
+    """Shows a running task's own stage lines (`[train] epoch 3/12 ...`) as they are written to its log, and the
+    line that says why it failed."""
 
-    PATTERN = re.compile(r"^\[(ingest|train|evaluate|infer)\] ")
+    PATTERN = re.compile(r"^(\[(ingest|train|tune|experiment|evaluate|infer)\] |(config )?error: |stopped by SIG)")
 
     def __init__(self, log: Path):
         self.log, self.pos = log, 0

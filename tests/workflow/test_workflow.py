@@ -300,3 +300,15 @@ def test_an_outcome_asked_of_a_task_that_is_not_a_condition_is_refused(tmp_path)
     f = toy_workflow(tmp_path, [task("first", ["x"]), on("second", ["y"], "first", "true")])
     with pytest.raises(ConfigError, match="asks for an outcome of 'first', which is not a condition_task"):
         load_workflow(f)
+
+
+def test_a_running_tasks_stage_lines_and_its_error_line_are_shown(tmp_path, capsys):
+    from pipelines.workflow.runner import StageEcho
+
+    log = tmp_path / "train.attempt1.log"
+    log.write_text("$ spark-submit ...\n24/12/01 INFO noise\n[tune] trial 0 finished: 0.81\n[train] epoch 1/3: loss 0.7\n"
+                   "error: training lost a Horovod worker: worker rank 1 was killed by SIGKILL\n[train] half a li")
+    StageEcho(log).poll()
+    assert capsys.readouterr().err.splitlines() == [
+        "  [tune] trial 0 finished: 0.81", "  [train] epoch 1/3: loss 0.7",
+        "  error: training lost a Horovod worker: worker rank 1 was killed by SIGKILL"]
