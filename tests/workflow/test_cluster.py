@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+from datetime import datetime, timezone
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,11 +31,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.fault('a Spark executor JVM SIGKILLed during ingest on the standalone cluster', kind='fault',
-                   shows='Spark retries the tasks; the published version has the digest of an undisturbed run')
-@pytest.mark.fault('what `sparkvision cluster up` listens on, with cluster.mlflow_auth', kind='security',
-                   shows='master, workers and tracking server on 127.0.0.1 (cluster.host); a request without '
-                         'credentials is refused (401); the whole workflow runs logged in')
 def kill_an_executor_mid_ingest(runs: Path, killed: dict) -> None:
     """SIGKILL the first executor JVM once the workflow's ingest has listed its source (it is decoding now)."""
     import time
@@ -51,11 +47,16 @@ def kill_an_executor_mid_ingest(runs: Path, killed: dict) -> None:
         for p in psutil.process_iter(["pid", "cmdline"]):
             if "CoarseGrainedExecutorBackend" in " ".join(p.info["cmdline"] or []):
                 p.kill()
-                killed["pid"] = p.info["pid"]
+                killed.update(pid=p.info["pid"], at=datetime.now(timezone.utc))
                 return
         time.sleep(0.05)
 
 
+@pytest.mark.fault('a Spark executor JVM SIGKILLed during ingest on the standalone cluster', kind='fault',
+                   shows='Spark retries the tasks; the published version has the digest of an undisturbed run')
+@pytest.mark.fault('what `sparkvision cluster up` listens on, with cluster.mlflow_auth', kind='security',
+                   shows='master, workers and tracking server on 127.0.0.1 (cluster.host); a request without '
+                         'credentials is refused (401); the whole workflow runs logged in')
 def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path, monkeypatch, spark, observe):
     killed: dict = {}
     # the tracking server requires a login; every job and worker sends these (MLflow reads them from the environment)
@@ -99,7 +100,10 @@ def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path, 
         # the executor killed while ingest decoded: Spark ran its tasks again, and the version is the one an
         # undisturbed ingest of the same source publishes
         assert killed.get("pid"), "no executor was killed during ingest"
-        assert "Lost executor" in Path(run["tasks"]["ingest"]["log"]).read_text()
+        record = json.loads((Path(run["tasks"]["ingest"]["log"]).parent / "record.json").read_text())
+        ingest = record["tasks"]["ingest"]
+        assert ingest["status"] == "SUCCESS" and len(ingest["attempts"]) == 1  # no retry of the task: Spark's own
+        assert killed["at"] < datetime.fromisoformat(ingest["attempts"][0]["ended"])  # killed before ingest ended
         local = load_config([ROOT / "conf/cluster.yaml"], [*overrides, "spark.master=local[2]",
                                                             f"paths.datasets_root={tmp_path}/undisturbed"])
         assert run_ingest(spark, local)["content_digest"] == values["ingest"]["content_digest"]
