@@ -46,7 +46,7 @@ setup(
         "pyspark", "pyarrow", "numpy", "pandas", "tensorflow", "tf-keras", "horovod",
         "petastorm", "mlflow", "databricks-bundles", "pillow", "pyyaml", "croniter", "matplotlib", "uvicorn",
         "psutil", "nvidia-ml-py", "optuna",
-        "Flask-WTF",  # mlflow[auth]: the tracking server's basic-auth app (cluster.mlflow_auth)
+        "flask-wtf",  # mlflow[auth]: the tracking server's basic-auth app (cluster.mlflow_auth)
     ),
     extras_require={"dev": pinned("pytest", "pytest-timeout", "scikit-image", "scikit-learn")},
     entry_points={"console_scripts": ["sparkvision=pipelines.cli:main"]},
