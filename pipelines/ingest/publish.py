@@ -31,7 +31,7 @@ class Staging:
         self.root.mkdir(parents=True, exist_ok=True)
         self.removed_stale = self._remove_stale()
         token = uuid.uuid4().hex[:12]
-        self._lock = _locked(self.root / f".staging-{token}.lock", wait=False)  # before the folder exists
+        self._lock = _locked(_lock_file(self.root, token), wait=False)  # before the folder exists
         self.path = self.root / f"_staging-{token}"
         self.path.mkdir()
 
@@ -39,7 +39,7 @@ class Staging:
         """Remove the staging folders of killed runs (their lock is free); how many there were."""
         removed = 0
         for p in self.root.glob("_staging-*"):
-            lock = self.root / f".staging-{p.name.removeprefix('_staging-')}.lock"
+            lock = _lock_file(self.root, p.name.removeprefix("_staging-"))
             if lock.exists():
                 try:
                     held = _locked(lock, wait=False)
@@ -87,8 +87,13 @@ class Staging:
 
     def _release(self) -> None:
         if not self._lock.closed:
-            (self.root / f".staging-{self.path.name.removeprefix('_staging-')}.lock").unlink(missing_ok=True)
+            _lock_file(self.root, self.path.name.removeprefix("_staging-")).unlink(missing_ok=True)
             self._lock.close()
+
+
+def _lock_file(root: Path, token: str) -> Path:
+    """The lock file beside staging folder `_staging-<token>` (outside it, so it is not published with it)."""
+    return root / f".staging-{token}.lock"
 
 
 def _locked(path: Path, wait: bool) -> IO[str]:
