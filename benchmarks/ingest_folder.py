@@ -88,7 +88,7 @@ def main() -> None:
     common = [f"paths.datasets_root={BENCH_DIR}/datasets", "spark.master=local[2]"]
     cfg = load_config([ROOT / "conf/local.yaml"], common + [
         "ingest.name=bench_photos", "ingest.source.type=folder", f"ingest.source.path={photos}",
-        "ingest.source.label_names=null", f"ingest.image.height={args.size}", f"ingest.image.width={args.size}",
+        f"ingest.image.height={args.size}", f"ingest.image.width={args.size}",
         "ingest.image.channels=3", "ingest.split.test=0.1"])
     spark = get_spark(cfg)
     spark.range(10).count()  # JVM warm-up is not ingest work

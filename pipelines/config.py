@@ -62,6 +62,7 @@ class SourceConfig:
     path_column: str
     label_column: str
     label_names: Optional[list[str]]
+    idx_label_names: list[str]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ ROW_OVERHEAD_BYTES = 120  # id, label, paths and hash next to the pixels, for si
 def read_source(spark: SparkSession, cfg: Config) -> sources.Candidates:
     src = cfg.ingest.source
     if src.type == "idx":
-        return sources.idx_source(spark, src.path, src.label_names, max(2, cfg.spark.shuffle_partitions))
+        return sources.idx_source(spark, src.path, src.idx_label_names, max(2, cfg.spark.shuffle_partitions))
     if src.type == "folder":
         return sources.folder_source(spark, src.path)
     return sources.table_source(spark, src.path, src.path_column, src.label_column)
@@ -77,8 +77,8 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         s["note"] = f"{seen} images seen, {n_unique} unique and valid"
 
     present = sorted(r["label"] for r in unique.select("label").distinct().collect())
-    label_names = [n for n in (ic.source.label_names or present) if n in present] if ic.source.type == "idx" else \
-        [n for n in (allowed or present) if n in present]
+    named = ic.source.idx_label_names if ic.source.type == "idx" else allowed
+    label_names = [n for n in (named or present) if n in present] + sorted(set(present) - set(named or present))
     label_ids = {name: i for i, name in enumerate(label_names)}
 
     with step("ingest", "splitting, balancing and computing statistics") as s:
@@ -94,6 +94,7 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         mean, std = prepare.channel_stats(train, spec.height * spec.width, spec.channels)
         if ic.balance == "oversample":
             train = prepare.oversample(train, {k: v for k, v in train_counts.items() if v})
+        say("ingest", labels_found(per_class, label_names))
         s["note"] = "mean " + ", ".join(f"{m:.4f}" for m in mean) + " std " + ", ".join(f"{v:.4f}" for v in std)
 
     staging = Staging(cfg.paths.datasets_root, ic.name)
@@ -136,6 +137,14 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     return {"stage": "ingest", "dataset": f"{ic.name}/{version}", "name": ic.name, "version": version,
             "path": str(path), "unchanged": unchanged, "content_digest": manifest["content_digest"],
             "counts": manifest["counts"], "seconds": round(took, 1)}
+
+
+def labels_found(per_class: dict[tuple[str, str], int], label_names: list[str], shown: int = 20) -> str:
+    """'3 labels: cat 120, coffee 98, space 41': images per label over all splits, the first `shown` labels."""
+    totals = {name: sum(n for (_, label), n in per_class.items() if label == name) for name in label_names}
+    listed = ", ".join(f"{name} {totals[name]}" for name in label_names[:shown])
+    more = f", and {len(label_names) - shown} more" if len(label_names) > shown else ""
+    return f"{len(label_names)} label{'s' if len(label_names) != 1 else ''}: {listed}{more}"
 
 
 def labelled_splits(unique: DataFrame, ic: IngestConfig, label_names: list[str]) -> DataFrame:

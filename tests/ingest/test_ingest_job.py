@@ -23,16 +23,16 @@ def tree(tmp_path_factory):
 def folder_cfg(cfg_factory, root, *extra):
     return cfg_factory(
         "ingest.name=photos", "ingest.source.type=folder", f"ingest.source.path={root}",
-        "ingest.source.label_names=null", "ingest.image.height=32", "ingest.image.width=32",
+        "ingest.image.height=32", "ingest.image.width=32",
         "ingest.image.channels=3", "ingest.max_pixels=4000000", "ingest.split.validation=0.2",
         "ingest.split.test=0.2", "ingest.files_per_split=1", *extra)
 
 
 @pytest.mark.fault('every corrupt image kind in a folder (empty, truncated, not an image, too many pixels, unknown label, label conflict, duplicates)', kind='bad_input',
                    shows='each quarantined with its reason; rows + quarantined + duplicates = files seen')
-def test_folder_ingest_accounts_for_every_file(spark, cfg_factory, tree):
+def test_folder_ingest_accounts_for_every_file(spark, cfg_factory, tree, capsys):
     root, expected = tree
-    out = run_ingest(spark, folder_cfg(cfg_factory, root))
+    out = run_ingest(spark, folder_cfg(cfg_factory, root))  # no allow-list: the labels are the folders' names
     counts = out["counts"]
     seen = counts["seen"]
     assert counts["rows"] + counts["quarantined"] + counts["duplicates_dropped"] == seen
@@ -45,6 +45,9 @@ def test_folder_ingest_accounts_for_every_file(spark, cfg_factory, tree):
     ds = resolve_dataset(out["path"].rsplit("/", 2)[0], "photos")
     manifest = ds.manifest()
     assert manifest.label_names == ["cat", "coffee", "space"]
+    per_label = {n: sum(manifest.data["counts"]["per_class"][s][n] for s in SPLITS) for n in manifest.label_names}
+    assert f"[ingest] 3 labels: cat {per_label['cat']}, coffee {per_label['coffee']}, space {per_label['space']}" \
+        in capsys.readouterr().err
     assert manifest.shape == (32, 32, 3)
     q = spark.read.parquet(ds.split_path("quarantine").as_uri())
     assert set(q.columns) >= {"path", "reason", "detail"}
@@ -105,7 +108,7 @@ def test_an_ingest_killed_mid_write_leaves_the_previous_version_whole_and_the_ne
     files = lambda: {p: os.path.getsize(p) for p in _files_under(f"{name_dir}/{first['version']}")}  # noqa: E731
     before = files()
     sets = ["ingest.name=photos", "ingest.source.type=folder", f"ingest.source.path={root}",
-            "ingest.source.label_names=null", "ingest.image.height=16", "ingest.image.width=16",
+            "ingest.image.height=16", "ingest.image.width=16",
             "ingest.image.channels=3", "ingest.max_pixels=4000000", "ingest.files_per_split=1",
             f"paths.datasets_root={cfg.paths.datasets_root}", "spark.shuffle_partitions=4"]  # a new version's data
     cmd = [sys.executable, "-m", "pipelines.cli", "ingest", *(x for o in sets for x in ("--set", o))]
@@ -219,7 +222,7 @@ def test_table_source_reads_a_csv_manifest(spark, cfg_factory, tree, tmp_path):
                    f"{root}/space/astronaut.bmp,space\n{root}/missing.jpg,cat\n")
     out = run_ingest(spark, cfg_factory(
         "ingest.name=tabled", "ingest.source.type=table", f"ingest.source.path={csv}",
-        "ingest.source.path_column=file", "ingest.source.label_column=kind", "ingest.source.label_names=null",
+        "ingest.source.path_column=file", "ingest.source.label_column=kind",
         "ingest.image.height=16", "ingest.image.width=16", "ingest.split.validation=0", "ingest.split.test=0"))
     assert out["counts"]["rows"] == 3
     assert out["counts"]["quarantine_reasons"] == {"missing_file": 1}
@@ -251,7 +254,7 @@ def test_an_unwritable_datasets_root_is_refused_before_any_work(tree, tmp_path):
     root, _ = tree
     (tmp_path / "a_file").write_text("")
     sets = ["ingest.name=photos", "ingest.source.type=folder", f"ingest.source.path={root}",
-            "ingest.source.label_names=null", f"paths.datasets_root={tmp_path}/a_file/datasets"]
+            f"paths.datasets_root={tmp_path}/a_file/datasets"]
     cmd = [sys.executable, "-m", "pipelines.cli", "ingest", *(x for o in sets for x in ("--set", o))]
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1
