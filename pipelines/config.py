@@ -94,6 +94,19 @@ class IngestConfig:
     files_per_split: int
 
 
+@dataclass(frozen=True)
+class AugmentConfig:
+    translate: float
+    flip: Literal["horizontal", "vertical", "horizontal_and_vertical", "none"]
+    rotate: float
+    zoom: float
+    brightness: float
+    contrast: float
+
+
+TRANSFER_MODELS = ("mobilenet_v2", "efficientnet_b0", "resnet50")  # train.model values that are backbones
+
+
 # A train.* key whose field carries this may differ when a run is resumed (how long, on how many workers, how it is
 # fed); every other key is the run's recipe, and a resume that changes one would continue another run.
 RESUMABLE = {"resume": "may change"}
@@ -102,7 +115,12 @@ RESUMABLE = {"resume": "may change"}
 @dataclass(frozen=True)
 class TrainConfig:
     dataset: Optional[str] = field(metadata=RESUMABLE)  # the resume check compares the resolved NAME/VERSION
-    model: Literal["mnist_cnn", "lenet5", "vgg_small", "small_resnet", "plain_cnn"]
+    model: Literal["mnist_cnn", "lenet5", "vgg_small", "small_resnet", "plain_cnn", "mobilenet_v2", "efficientnet_b0",
+                   "resnet50"]
+    pretrained_weights: Optional[str]
+    freeze_backbone_epochs: int
+    unfreeze_layers: int
+    finetune_lr_factor: float
     activation: Literal["relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid"]
     dropout: float
     l2: float
@@ -126,6 +144,7 @@ class TrainConfig:
     restore_best_weights: bool = field(metadata=RESUMABLE)
     class_weights: bool
     augment: bool
+    augmentation: AugmentConfig
     shuffle_buffer: int = field(metadata=RESUMABLE)
     cache_mb: int = field(metadata=RESUMABLE)
     reader_threads: int = field(metadata=RESUMABLE)
@@ -139,8 +158,17 @@ class TrainConfig:
 
 
 def recipe_keys() -> tuple[str, ...]:
-    """The train.* keys a resume must not change (every field of TrainConfig not marked RESUMABLE)."""
-    return tuple(f"train.{f.name}" for f in dataclasses.fields(TrainConfig) if f.metadata != RESUMABLE)
+    """The train.* keys a resume must not change (every field of TrainConfig not marked RESUMABLE), nested
+    sections as their dotted leaves, as MLflow params name them."""
+    hints = typing.get_type_hints(TrainConfig)
+    keys = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata == RESUMABLE:
+            continue
+        nested = hints[f.name]
+        keys += ([f"train.{f.name}.{g.name}" for g in dataclasses.fields(nested)]
+                 if dataclasses.is_dataclass(nested) else [f"train.{f.name}"])
+    return tuple(keys)
 
 
 @dataclass(frozen=True)
@@ -390,6 +418,14 @@ def _check_ranges(cfg: Config, origin: dict[str, str]) -> None:
         ("train.dense_layers", 0 <= cfg.train.dense_layers <= 4, "in 0..4"),
         ("train.label_smoothing", 0 <= cfg.train.label_smoothing < 1, "in [0, 1)"),
         ("train.focal_gamma", cfg.train.focal_gamma >= 0, "at least 0"),
+        ("train.freeze_backbone_epochs", cfg.train.freeze_backbone_epochs >= 0, "at least 0"),
+        ("train.unfreeze_layers", cfg.train.unfreeze_layers >= 0, "at least 0 (0 = all of the backbone)"),
+        ("train.finetune_lr_factor", 0 < cfg.train.finetune_lr_factor <= 1, "in (0, 1]"),
+        *[(key, cfg.train.model in TRANSFER_MODELS, f"only for the backbones ({', '.join(TRANSFER_MODELS)})")
+          for key, used in (("train.pretrained_weights", cfg.train.pretrained_weights),
+                            ("train.freeze_backbone_epochs", cfg.train.freeze_backbone_epochs)) if used],
+        *[(f"train.augmentation.{key}", 0 <= getattr(cfg.train.augmentation, key) < 1, "in [0, 1)")
+          for key in ("translate", "rotate", "zoom", "brightness", "contrast")],
         ("ingest.skew_fraction", 0 < cfg.ingest.skew_fraction <= 1, "in (0, 1]"),
         ("tune.trials", cfg.tune.trials >= 1, "at least 1"),
         ("tune.parallelism", cfg.tune.parallelism >= 1, "at least 1"),

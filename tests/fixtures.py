@@ -32,6 +32,30 @@ def _save(img: Image.Image, path: Path, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
+PHOTO_CLASSES = ("astronaut", "coffee", "chelsea", "china", "flower", "rocket")
+
+
+def build_photo_classes(root: Path, per_class: int, classes: tuple[str, ...] = PHOTO_CLASSES[:3],
+                        seed: int = 0) -> dict[str, int]:
+    """ROOT/<photo name>/NNN.jpg|png: `per_class` different crops of each real photo (random position and size,
+    rescaled, some mirrored, JPEG at several qualities or PNG), as a user's folder of photos would be."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        img = photo(name).convert("RGB")
+        w, h = img.size
+        for i in range(per_class):
+            side = int(min(w, h) * rng.uniform(0.5, 0.95))
+            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            crop = img.crop((x, y, x + side, y + side)).resize((int(rng.integers(80, 200)),) * 2)
+            if rng.random() < 0.5:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if i % 4 == 3:
+                _save(crop, root / name / f"{i:03d}.png", "PNG")
+            else:
+                _save(crop, root / name / f"{i:03d}.jpg", "JPEG", quality=int(rng.integers(70, 96)))
+    return {name: per_class for name in classes}
+
+
 def build_image_tree(root: Path) -> dict[str, int]:
     """ROOT/<label>/... with good images of every format and bad files of every kind.
 

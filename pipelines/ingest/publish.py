@@ -62,7 +62,11 @@ class Staging:
         df = df.repartition(files)
         writer = (df.sortWithinPartitions(sort_by) if sort_by else df).write.mode("error")
         if row_group_bytes:
-            writer = writer.option("parquet.block.size", str(row_group_bytes))
+            # parquet-mr measures a row group's size only every 100 rows at first, and a dictionary-encoded column's
+            # size not until the dictionary gives up: large photos need row groups of fewer rows to shard
+            writer = (writer.option("parquet.block.size", str(row_group_bytes))
+                      .option("parquet.page.size.row.check.min", "1")
+                      .option("parquet.enable.dictionary#image", "false"))
         writer.parquet(self.url(part))
 
     def publish_unless_same(self, manifest: dict[str, Any]) -> tuple[str, bool]:

@@ -1,4 +1,5 @@
-"""Keras (tf-keras, Keras 2) image classifiers: the classic MNIST CNN, LeNet-5, a small VGG and a small ResNet.
+"""Keras (tf-keras, Keras 2) image classifiers: the classic MNIST CNN, LeNet-5, a small VGG and a small ResNet
+(and, from backbones.py, pretrained-style backbones for photos).
 
 Each model's input is the dataset's canonical uint8 H x W x C pixels; the first layers scale them to [0, 1]
 and standardize with the dataset's per-channel mean and std (from the manifest), or only scale, or leave them
@@ -12,6 +13,8 @@ from typing import Callable
 import tf_keras as keras
 from tf_keras import layers
 
+from pipelines.models.backbones import BACKBONES, backbone_model
+
 
 @dataclass(frozen=True)
 class ModelOptions:
@@ -22,6 +25,7 @@ class ModelOptions:
     conv_blocks: int = 2
     dense_layers: int = 1
     normalization: str = "standardize"
+    pretrained_weights: str | None = None  # backbones only: a local .h5 file of the backbone's weights
 
 
 def _act(name: str) -> layers.Layer:
@@ -130,9 +134,12 @@ MODELS: dict[str, Callable] = {"mnist_cnn": mnist_cnn, "lenet5": lenet5, "vgg_sm
 
 def build_model(name: str, shape: tuple[int, int, int], num_classes: int, mean: list[float], std: list[float],
                 opts: ModelOptions = ModelOptions()) -> keras.Model:
-    """A model from the registry: uint8 pixels in, float32 class probabilities out."""
+    """A model from the registry or a transfer-learning backbone: uint8 pixels in, float32 class probabilities out.
+    Backbones bring their own input preprocessing instead of `opts.normalization`."""
+    if name in BACKBONES:
+        return backbone_model(name, shape, num_classes, opts.dropout, opts.pretrained_weights)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r} (choose from {', '.join(MODELS)})")
+        raise ValueError(f"unknown model {name!r} (choose from {', '.join([*MODELS, *BACKBONES])})")
     inputs = keras.Input(shape=shape, dtype="uint8", name="image")
     # Rescaling casts uint8 to the compute dtype; `raw` keeps the 0-255 range
     x = layers.Rescaling(1.0 if opts.normalization == "raw" else 1.0 / 255.0, name="scale")(inputs)

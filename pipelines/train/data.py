@@ -10,6 +10,7 @@ from typing import Iterator
 
 import tensorflow as tf
 
+from pipelines.config import AugmentConfig
 from pipelines.errors import first_line
 
 
@@ -21,7 +22,7 @@ class FeedOptions:
     shard_count: int
     seed: int = 0
     shuffle_buffer: int = 2048
-    augment: bool = False
+    augment: AugmentConfig | None = None  # None: no augmentation (validation, or train.augment off)
     class_weights: tuple[float, ...] = ()
     reader_threads: int = 2
     cache: bool = False  # read the shard once, then serve every epoch from memory
@@ -103,16 +104,32 @@ def _decode(image: tf.Tensor, label: tf.Tensor, shape) -> tuple[tf.Tensor, tf.Te
     return pixels, tf.cast(label, tf.int32)
 
 
-def _augment(x: tf.Tensor, shape) -> tf.Tensor:
-    """Random shift by up to 2 pixels and random horizontal flip, on uint8 batches."""
-    h, w, _ = shape
-    padded = tf.pad(x, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="REFLECT")
-    n = tf.shape(x)[0]
-    dy = tf.random.uniform([], 0, 5, dtype=tf.int32)
-    dx = tf.random.uniform([], 0, 5, dtype=tf.int32)
-    shifted = tf.slice(padded, [0, dy, dx, 0], [n, h, w, shape[2]])
-    flip = tf.random.uniform([n, 1, 1, 1]) < 0.5
-    return tf.where(flip, tf.reverse(shifted, axis=[2]), shifted)
+def augmenter(aug: AugmentConfig, seed: int):
+    """uint8 batches -> uint8 batches, each image moved, flipped, turned, cropped and lit its own random way by Keras'
+    preprocessing layers (in training mode: they are the identity otherwise)."""
+    from tf_keras import Sequential, layers
+
+    stack = []
+    if aug.zoom:  # zooming in only: a random crop, resized back (Keras 2 has no RandomResizedCrop)
+        stack.append(layers.RandomZoom((-aug.zoom, 0.0), fill_mode="reflect", seed=seed))
+    if aug.translate:  # nearest: whole-pixel shifts keep the pixel values
+        stack.append(layers.RandomTranslation(aug.translate, aug.translate, fill_mode="reflect",
+                                              interpolation="nearest", seed=seed + 1))
+    if aug.rotate:
+        stack.append(layers.RandomRotation(aug.rotate, fill_mode="reflect", seed=seed + 2))
+    if aug.flip != "none":
+        stack.append(layers.RandomFlip(aug.flip, seed=seed + 3))
+    if aug.brightness:
+        stack.append(layers.RandomBrightness(aug.brightness, value_range=(0, 255), seed=seed + 4))
+    if aug.contrast:
+        stack.append(layers.RandomContrast(aug.contrast, seed=seed + 5))
+    model = Sequential(stack, name="augmentation")
+
+    def augment(x: tf.Tensor) -> tf.Tensor:
+        out = model(tf.cast(x, tf.float32), training=True) if stack else tf.cast(x, tf.float32)
+        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+    return augment
 
 
 def read_shard(url: str, opts: FeedOptions) -> tuple[tf.Tensor, tf.Tensor]:
@@ -163,7 +180,8 @@ def split_dataset(url: str, opts: FeedOptions, *, endless: bool) -> Iterator[tf.
         ds = ds.batch(opts.batch_size, drop_remainder=True)
         ds = ds.map(lambda i: (tf.gather(pixels, i), tf.gather(labels, i)))
         if opts.augment:
-            ds = ds.map(lambda x, y: (_augment(x, opts.shape), y), num_parallel_calls=tf.data.AUTOTUNE)
+            augment = augmenter(opts.augment, opts.seed)
+            ds = ds.map(lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
         yield _with_weights(ds, opts).prefetch(tf.data.AUTOTUNE)
         return
 
@@ -180,7 +198,8 @@ def split_dataset(url: str, opts: FeedOptions, *, endless: bool) -> Iterator[tf.
             ds = ds.shuffle(opts.shuffle_buffer, seed=opts.seed, reshuffle_each_iteration=True)
         ds = ds.batch(opts.batch_size, drop_remainder=endless)
         if endless and opts.augment:
-            ds = ds.map(lambda x, y: (_augment(x, opts.shape), y), num_parallel_calls=tf.data.AUTOTUNE)
+            augment = augmenter(opts.augment, opts.seed)
+            ds = ds.map(lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
         yield _with_weights(ds, opts).prefetch(tf.data.AUTOTUNE)
     finally:
         reader.stop()

@@ -3,6 +3,7 @@ Horovod workers (launch.py), checks they finished in sync, then logs and registe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, Callable
 from pyspark.sql import SparkSession
 
 from pipelines import tracking
-from pipelines.config import Config, dataset_ref, resolve_path
+from pipelines.config import TRANSFER_MODELS, Config, TrainConfig, dataset_ref, resolve_path
 from pipelines.console import say
 from pipelines.dataset.contract import DatasetVersion, Manifest, resolve_dataset
 from pipelines.environment import TASK_RUN_FILE_VAR
@@ -30,11 +31,11 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
     """Train on the configured dataset with train.num_proc Horovod workers (or go on with run `resume` from its last
     completed epoch); return the run id, the model URI and the registered version."""
     started = time.perf_counter()
-    t = cfg.train
     ds = resolve_dataset(cfg.paths.datasets_root, dataset_ref(cfg))
     ds.check_files(("train", "validation"))
     check_writable(resolve_path(cfg.paths.checkpoints_root), "paths.checkpoints_root")
     manifest = ds.manifest()
+    t = checked_backbone(cfg.train, manifest)
     check_task_slots(spark, t.num_proc)
     check_shardable(ds, manifest, t.num_proc)
     tracking.configure(cfg)
@@ -64,6 +65,18 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
     say("train", finished_line(cfg, run_id, outcome, took))
     return {"stage": "train", "run_id": run_id, "registered_model": cfg.mlflow.registered_model, "dataset": ds.ref,
             **outcome, "seconds": round(took, 1)}
+
+
+def checked_backbone(t: TrainConfig, manifest: Manifest) -> TrainConfig:
+    """For a transfer-learning model: its input size and weights file checked here, the file's path made absolute
+    for the executors; other models as they are."""
+    if t.model not in TRANSFER_MODELS:
+        return t
+    from pipelines.models.backbones import check_backbone
+
+    weights = str(resolve_path(t.pretrained_weights)) if t.pretrained_weights else None
+    check_backbone(t.model, manifest.shape, weights)
+    return dataclasses.replace(t, pretrained_weights=weights)
 
 
 def earlier_attempts_run(cfg: Config) -> str | None:

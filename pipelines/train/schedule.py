@@ -39,8 +39,14 @@ class LearningRate:
     plateau_factor: float = 1.0  # multiplied by 0.5 on each plateau
     best_val_loss: float = math.inf
     epochs_without_improvement: int = 0
+    finetune_from: int = 0  # transfer learning: from this epoch on (the backbone unfrozen), the rate is multiplied
+    finetune_factor: float = 1.0  # by this factor; finetune_from 0 = never
 
     def at(self, epoch: int, step: int) -> float:
+        factor = self.finetune_factor if self.finetune_from and epoch >= self.finetune_from else 1.0
+        return factor * self._scheduled(epoch, step)
+
+    def _scheduled(self, epoch: int, step: int) -> float:
         if epoch < self.warmup_epochs:
             done = (epoch * self.steps_per_epoch + step) / max(1, self.warmup_epochs * self.steps_per_epoch)
             return self.base + (self.peak - self.base) * done

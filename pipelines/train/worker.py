@@ -20,6 +20,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
+    from pipelines.models import BACKBONES, BackbonePhases
     from pipelines.train.data import ValidationFeed, split_dataset
     from pipelines.train.schedule import BestEpoch, LearningRate
 
@@ -42,7 +43,10 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
 
     steps = steps_per_epoch(data.train_rows, t.batch_size, hvd.size())
     peak = t.learning_rate * (hvd.size() if t.scale_lr else 1)  # Horovod: scale the rate with the global batch
-    lr, best = LearningRate(t.learning_rate, peak, t.schedule, t.epochs, t.warmup_epochs, steps), BestEpoch()
+    phases = BackbonePhases(t.freeze_backbone_epochs, t.unfreeze_layers) if t.model in BACKBONES else None
+    lr = LearningRate(t.learning_rate, peak, t.schedule, t.epochs, t.warmup_epochs, steps,
+                      finetune_from=t.freeze_backbone_epochs if phases else 0, finetune_factor=t.finetune_lr_factor)
+    best = BestEpoch()
     history = replay(spec.resume.history, lr, best)
     train_step, eval_step = compiled_steps(model, opt, per_example_loss(t, data.num_classes))
     feed = feed_options(spec, hvd, devices.own_cores)  # Horovod: each worker reads shard `rank` of `size`
@@ -50,6 +54,9 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     with split_dataset(data.train_url, feed, endless=True) as train_ds:
         batches = iter(train_ds)
         for epoch in range(spec.resume.epoch, t.epochs):
+            if phases and phases.enter(epoch):  # the same epoch on every worker: the same variables allreduced
+                train_step, eval_step = compiled_steps(model, opt, per_example_loss(t, data.num_classes),
+                                                       phases.variables(model))
             metrics = train_epoch(train_step, batches, opt, lr, epoch, steps, t, hvd)
             average_local_statistics(model, hvd)
             if validation is not None:
@@ -87,15 +94,17 @@ def say_where(rank: int, size: int) -> None:
           flush=True)
 
 
-def new_model(spec: WorkerSpec):
-    """The configured model, in the current global dtype policy."""
+def new_model(spec: WorkerSpec, pretrained: bool = True):
+    """The configured model, in the current global dtype policy (a backbone from its pretrained weights file when
+    `pretrained` and one is configured)."""
     from pipelines.models import ModelOptions, build_model
 
     t, d = spec.train, spec.data
     return build_model(t.model, d.shape, d.num_classes, d.mean, d.std,
                        ModelOptions(activation=t.activation, dropout=t.dropout, l2=t.l2, width=t.width,
                                     conv_blocks=t.conv_blocks, dense_layers=t.dense_layers,
-                                    normalization=t.normalization))
+                                    normalization=t.normalization,
+                                    pretrained_weights=t.pretrained_weights if pretrained else None))
 
 
 def distributed_optimizer(spec: WorkerSpec, policy: str, variables: list, hvd):
@@ -124,11 +133,13 @@ def replay(history: list[dict[str, float]], lr, best) -> list[dict[str, float]]:
     return list(history)
 
 
-def compiled_steps(model, opt, loss_fn):
-    """The training step (weighted `loss_fn`, one optimizer update) and the evaluation step (summed cross-entropy
-    and hits, whatever loss trains)."""
+def compiled_steps(model, opt, loss_fn, variables: list | None = None):
+    """The training step (weighted `loss_fn`, one optimizer update of `variables`, by default all trainable ones)
+    and the evaluation step (summed cross-entropy and hits, whatever loss trains)."""
     import tensorflow as tf
     import tf_keras as keras
+
+    trained = variables if variables is not None else model.trainable_variables
 
     def hits(y, probs):
         return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
@@ -140,7 +151,7 @@ def compiled_steps(model, opt, loss_fn):
             loss = tf.reduce_sum(loss_fn(y, probs) * w) / tf.cast(tf.shape(y)[0], tf.float32)
             if model.losses:
                 loss += tf.add_n(model.losses)
-        opt.minimize(loss, model.trainable_variables, tape=tape)  # Horovod: allreduce inside compute_gradients
+        opt.minimize(loss, trained, tape=tape)  # Horovod: allreduce inside compute_gradients
         return loss, hits(y, probs)
 
     @tf.function(autograph=False)
@@ -158,7 +169,7 @@ def feed_options(spec: WorkerSpec, hvd, own_cores: int):
 
     t, d = spec.train, spec.data
     return FeedOptions(d.shape, t.batch_size, hvd.rank(), hvd.size(), t.seed + hvd.rank(), t.shuffle_buffer,
-                       t.augment, d.class_weights, reader_threads=reader_threads(t.reader_threads, own_cores),
+                       t.augmentation if t.augment else None, d.class_weights, reader_threads=reader_threads(t.reader_threads, own_cores),
                        cache=cache_shard(d.train_rows + d.validation_rows, hvd.size(), d.shape, t.cache_mb))
 
 
@@ -190,7 +201,7 @@ def average_local_statistics(model, hvd) -> None:
     """Horovod: BatchNorm moving statistics are updated locally, not by the optimizer; average them so every worker
     (and the saved model) holds the same statistics."""
     for var in model.non_trainable_variables:
-        if var.dtype.is_floating:
+        if var.dtype.is_floating and "moving_" in var.name:  # not a frozen layer's weights: they do not change
             var.assign(hvd.allreduce(var, op=hvd.Average))
 
 
@@ -236,7 +247,7 @@ def export_model(spec: WorkerSpec, model, history: list[dict[str, float]], best,
     served = model
     if policy != "float32":  # the weights are float32 already; the layers' compute dtype is not
         keras.mixed_precision.set_global_policy("float32")
-        served = new_model(spec)
+        served = new_model(spec, pretrained=False)
         served.set_weights(model.get_weights())
     registered_epoch = history[-1]["epoch"] if history else None
     if spec.train.restore_best_weights and best.epoch is not None and best.epoch != registered_epoch:

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.config import AugmentConfig
 from pipelines.train.data import FeedOptions, cache_shard, open_batch_reader, split_dataset
 
 SHAPE = (4, 4, 1)
@@ -128,9 +129,10 @@ def test_without_class_weights_every_example_weighs_one(split_url):
 
 
 @pytest.mark.parametrize("cache", [False, True])
-def test_augmentation_shifts_and_flips_the_training_images_only(tmp_path, cache):
+def test_augmentation_moves_each_training_image_its_own_way_and_never_a_validation_image(tmp_path, cache):
     """Row i's image is one bright pixel at (i % 8, 3) of an 8x8 image: augmented batches keep the shape and dtype
-    but move the pixel (a shift of up to 2 px, a horizontal flip); validation images are never augmented."""
+    but move the pixel (Keras' RandomTranslation by up to 2 px, RandomFlip), each image by its own offset within one
+    batch; validation images are never augmented."""
     shape = (8, 8, 1)
     root = tmp_path / "train"
     root.mkdir()
@@ -139,15 +141,19 @@ def test_augmentation_shifts_and_flips_the_training_images_only(tmp_path, cache)
     pq.write_table(pa.table({"image": pa.array([p.tobytes() for p in pixels], pa.binary()),
                              "label": pa.array(np.arange(64) % 8, pa.int64())}), root / "part-0.parquet",
                    row_group_size=16)
-    opts = FeedOptions(shape, batch_size=16, shard=0, shard_count=1, augment=True, reader_threads=1, cache=cache)
-    moved = 0
+    aug = AugmentConfig(translate=0.25, flip="horizontal", rotate=0.0, zoom=0.0, brightness=0.0, contrast=0.0)
+    opts = FeedOptions(shape, batch_size=16, shard=0, shard_count=1, augment=aug, reader_threads=1, cache=cache)
+    moved, offsets_per_batch = 0, []
     with split_dataset(root.as_uri(), opts, endless=True) as ds:
         for x, y, _ in ds.take(8):
             x, y = x.numpy(), y.numpy()
             assert x.shape == (16, 8, 8, 1) and x.dtype == np.uint8
             assert x.max() == 255
             moved += sum(not x[i, y[i], 3, 0] for i in range(16))  # no longer where the label says it was
+            spots = {i: np.argwhere(x[i, :, :, 0] == 255) for i in range(16)}  # a pixel shifted out may be gone
+            offsets_per_batch.append(len({(spot[0][0] - y[i], spot[0][1]) for i, spot in spots.items() if len(spot)}))
     assert moved > 8 * 16 // 3
+    assert min(offsets_per_batch) > 2  # one shared offset per batch would give 1
     with split_dataset(root.as_uri(), opts, endless=False) as ds:
         for x, y, _ in ds:
             x, y = x.numpy(), y.numpy()

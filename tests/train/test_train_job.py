@@ -490,3 +490,43 @@ def test_early_stopping_registers_the_best_epochs_weights(spark, small):
     predicted = np.asarray(model.predict(images)).argmax(axis=1)
     accuracy = float((predicted == np.asarray(table.column("label").to_pylist())).mean())
     assert accuracy == pytest.approx(val_acc[best], abs=1.5 / len(images))
+
+
+@pytest.mark.fault('a missing train.pretrained_weights file', kind='bad_input',
+                   shows='refused before any worker starts, naming the key and the file')
+def test_a_backbone_trains_its_head_from_a_weights_file_then_fine_tunes_across_a_resume(spark, tmp_path):
+    """mobilenet_v2 on 32x32 crops of real photos, 2 workers: epoch 1 with the backbone frozen leaves it exactly as
+    the weights file has it; the resumed epoch 2 trains it too, at finetune_lr_factor of the rate."""
+    from pipelines.models.backbones import BACKBONE_NAME, new_backbone
+    from tests.conftest import make_config
+    from tests.fixtures import build_photo_classes
+
+    build_photo_classes(tmp_path / "photos", per_class=24)
+    weights = tmp_path / "mobilenet_v2_notop.h5"
+    backbone = new_backbone("mobilenet_v2", 32, 32)
+    rng = np.random.default_rng(1)  # not an initializer's weights
+    backbone.set_weights([w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in backbone.get_weights()])
+    backbone.save_weights(str(weights))
+    settings = ["ingest.name=photos", "ingest.source.type=folder", f"ingest.source.path={tmp_path / 'photos'}",
+                "ingest.image.height=32", "ingest.image.width=32", "ingest.image.channels=3",
+                "ingest.row_group_rows=4", "ingest.files_per_split=1", "ingest.split.test=0.1",
+                "train.model=mobilenet_v2", f"train.pretrained_weights={weights}", "train.freeze_backbone_epochs=1",
+                "train.num_proc=2", "train.batch_size=8", "train.schedule=constant", "train.warmup_epochs=0",
+                "train.learning_rate=0.001", "train.finetune_lr_factor=0.1", "train.mixed_precision=off",
+                "mlflow.registered_model=photos_classifier"]
+    run_ingest(spark, make_config(tmp_path, *settings))
+    with pytest.raises(PipelineError, match=r"train.pretrained_weights: no such file .*missing.h5"):
+        run_train(spark, make_config(tmp_path, *settings, f"train.pretrained_weights={tmp_path}/missing.h5"))
+
+    def backbone_weights(out):
+        return mlflow.tensorflow.load_model(out["model_uri"]).get_layer(BACKBONE_NAME).get_weights()
+
+    first = run_train(spark, make_config(tmp_path, *settings, "train.epochs=1"))
+    assert first["weights_in_sync"]
+    assert all(np.array_equal(a, b) for a, b in zip(backbone_weights(first), backbone.get_weights()))
+    resumed = run_train(spark, make_config(tmp_path, *settings, "train.epochs=2"), resume=first["run_id"])
+    assert resumed["weights_in_sync"] and resumed["epochs_run"] == 2
+    changed = [not np.array_equal(a, b) for a, b in zip(backbone_weights(resumed), backbone.get_weights())]
+    assert sum(changed) > len(changed) // 3  # the backbone trains once unfrozen (its BatchNorm statistics stay)
+    rates = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(first["run_id"], "lr")}
+    assert rates[0] == pytest.approx(0.002) and rates[1] == pytest.approx(0.0002)  # 2 workers x 0.001, then x 0.1
