@@ -81,6 +81,12 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class EncodingConfig:
+    format: Literal["jpeg", "png"]
+    quality: int
+
+
+@dataclass(frozen=True)
 class IngestConfig:
     name: str
     source: SourceConfig
@@ -92,6 +98,8 @@ class IngestConfig:
     skew_fraction: float
     row_group_rows: int
     files_per_split: int
+    storage: Literal["pixels", "encoded"]
+    encoding: EncodingConfig
 
 
 @dataclass(frozen=True)
@@ -402,6 +410,7 @@ def _check_ranges(cfg: Config, origin: dict[str, str]) -> None:
          "such that validation + test < 1"),
         ("ingest.row_group_rows", cfg.ingest.row_group_rows >= 1, "at least 1"),
         ("ingest.files_per_split", cfg.ingest.files_per_split >= 1, "at least 1"),
+        ("ingest.encoding.quality", 1 <= cfg.ingest.encoding.quality <= 100, "in 1..100"),
         ("train.num_proc", cfg.train.num_proc >= 1, "at least 1"),
         ("train.epochs", cfg.train.epochs >= 1, "at least 1"),
         ("train.timeout_s", cfg.train.timeout_s >= 1, "at least 1"),

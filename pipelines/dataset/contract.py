@@ -35,6 +35,11 @@ class Manifest:
         return tuple(self.data["image"]["shape"])  # type: ignore[return-value]
 
     @property
+    def encoded(self) -> bool:
+        """Whether the image column holds encoded images (JPEG/PNG) rather than raw pixels."""
+        return self.data["image"].get("storage", "pixels") == "encoded"
+
+    @property
     def label_names(self) -> list[str]:
         return list(self.data["labels"]["names"])
 

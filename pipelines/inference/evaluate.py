@@ -10,6 +10,7 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from pipelines.dataset.encoding import with_pixels
 from pipelines import tracking
 from pipelines.config import Config, dataset_ref
 from pipelines.console import say
@@ -132,7 +133,7 @@ def run_evaluate(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     if tuple(manifest.shape) != tuple(candidate.shape):
         raise PipelineError(f"model {uri} expects images {candidate.shape}, dataset {ds.ref} has {manifest.shape}")
     split = cfg.evaluate.split
-    df = spark.read.parquet(ds.split_path(split).as_uri())
+    df = with_pixels(spark.read.parquet(ds.split_path(split).as_uri()), manifest)
     n = check_image_lengths(df, "image", candidate.shape)
     names = manifest.label_names
 

@@ -13,6 +13,7 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from pipelines.dataset.encoding import with_pixels
 from pipelines import tracking
 from pipelines.config import Config
 from pipelines.console import say
@@ -41,7 +42,7 @@ def dataset_input(cfg: Config) -> tuple[DatasetVersion, str]:
 def read_dataset_input(spark: SparkSession, cfg: Config) -> DataFrame:
     """That split's rows."""
     ds, split = dataset_input(cfg)
-    return spark.read.parquet(ds.split_path(split).as_uri())
+    return with_pixels(spark.read.parquet(ds.split_path(split).as_uri()), ds.manifest())
 
 
 def read_files_input(spark: SparkSession, cfg: Config, shape: tuple[int, int, int]) -> tuple[DataFrame, DataFrame]:

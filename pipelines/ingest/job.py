@@ -12,6 +12,7 @@ from pyspark.sql import functions as F
 
 from pipelines.config import Config, ConfigError, IngestConfig
 from pipelines.console import say, step
+from pipelines.dataset.encoding import ENCODED_SIZE_FRACTION, encoded_column
 from pipelines.dataset.contract import SPLIT_COLUMNS, SPLITS, dataset_root, file_inventory
 from pipelines.errors import PipelineError, root_cause
 from pipelines.images import ImageSpec
@@ -34,12 +35,13 @@ def read_source(spark: SparkSession, cfg: Config) -> sources.Candidates:
     return sources.table_source(spark, src.path, src.path_column, src.label_column)
 
 
-def content_digest(splits: DataFrame, spec: ImageSpec, label_names: list[str]) -> str:
-    """Order-independent digest of (id, content, label, split) for every row, plus shape and labels."""
+def content_digest(splits: DataFrame, spec: ImageSpec, label_names: list[str], storage: str = "pixels") -> str:
+    """Order-independent digest of (id, content, label, split) for every row, plus shape, labels and how the images
+    are stored."""
     h = F.sha2(F.concat_ws("|", "id", "content_hash", "label_name", "split"), 256)
     parts = [F.sum(F.conv(F.substring(h, 1 + 12 * i, 12), 16, 10).cast("decimal(38,0)")).alias(f"p{i}") for i in range(4)]
     row = splits.agg(F.count(F.lit(1)).alias("n"), *parts).first()
-    text = f"{row['n']}|{'|'.join(str(row[f'p{i}']) for i in range(4))}|{spec.shape}|{','.join(label_names)}"
+    text = f"{row['n']}|{'|'.join(str(row[f'p{i}']) for i in range(4))}|{spec.shape}|{','.join(label_names)}" + (f"|{storage}" if storage != "pixels" else "")
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -102,8 +104,8 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         say("ingest", f"removed {staging.removed_stale} staging folder(s) left by a killed ingest of {ic.name}")
     try:
         with step("ingest", f"writing Parquet to {staging.path.parent}") as s:
-            row_group_bytes = ic.row_group_rows * (spec.nbytes + ROW_OVERHEAD_BYTES)
-            frames = {split: (train if split == "train" else assigned.where(F.col("split") == split))
+            row_group_bytes = ic.row_group_rows * (stored_bytes(ic, spec) + ROW_OVERHEAD_BYTES)
+            frames = {split: stored(train if split == "train" else assigned.where(F.col("split") == split), ic, spec)
                       for split in SPLITS}
             quarantine = invalid.select("path", "label", "reason", "detail", "content_hash").unionByName(
                 dd.conflicts.select("path", "label", "reason", "detail", "content_hash"))
@@ -137,6 +139,32 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     return {"stage": "ingest", "dataset": f"{ic.name}/{version}", "name": ic.name, "version": version,
             "path": str(path), "unchanged": unchanged, "content_digest": manifest["content_digest"],
             "counts": manifest["counts"], "seconds": round(took, 1)}
+
+
+def storage_label(ic: IngestConfig) -> str:
+    """'pixels', 'jpeg q90' or 'png': how the images are stored, for the digest and the manifest."""
+    if ic.storage == "pixels":
+        return "pixels"
+    return f"jpeg q{ic.encoding.quality}" if ic.encoding.format == "jpeg" else "png"
+
+
+def image_column_description(ic: IngestConfig, spec: ImageSpec) -> str:
+    shape = f"{spec.height}x{spec.width}x{spec.channels}"
+    if ic.storage == "pixels":
+        return f"binary: uint8 pixels, row-major {shape}"
+    return f"binary: one {ic.encoding.format.upper()} file per image, {shape} when decoded"
+
+
+def stored_bytes(ic: IngestConfig, spec: ImageSpec) -> int:
+    """About how many bytes one image takes in the Parquet files, for sizing row groups."""
+    return spec.nbytes if ic.storage == "pixels" else int(spec.nbytes * ENCODED_SIZE_FRACTION[ic.encoding.format])
+
+
+def stored(split: DataFrame, ic: IngestConfig, spec: ImageSpec) -> DataFrame:
+    """A split's rows with the image column as ingest.storage keeps it (encoded on the executors)."""
+    if ic.storage == "pixels":
+        return split
+    return split.withColumn("image", encoded_column("image", spec.shape, ic.encoding.format, ic.encoding.quality))
 
 
 def labels_found(per_class: dict[tuple[str, str], int], label_names: list[str], shown: int = 20) -> str:
@@ -183,7 +211,7 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
          for split in SPLITS]
         + [lambda: quarantine.groupBy("reason").count().collect(),
            lambda: spark.read.parquet(staging.url("duplicates")).count(),
-           lambda: content_digest(union, spec, label_names)])
+           lambda: content_digest(union, spec, label_names, storage_label(cfg.ingest))])
     split_counts = {split: int(r["n"]) for split, r in zip(SPLITS, split_rows)}
     rows = sum(int(r["originals"]) for r in split_rows)
     reasons = {r["reason"]: int(r["count"]) for r in reason_rows}
@@ -197,9 +225,10 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
         "files": file_inventory(staging.path, SPLITS),
         "name": cfg.ingest.name,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "schema": {"id": "string", "image": f"binary: uint8 pixels, row-major {spec.height}x{spec.width}x{spec.channels}",
+        "schema": {"id": "string", "image": image_column_description(cfg.ingest, spec),
                    "label": "int32", "label_name": "string", "source_path": "string", "content_hash": "string (sha256 of the source bytes)"},
         "image": {"shape": list(spec.shape), "height": spec.height, "width": spec.width, "channels": spec.channels,
+                  "storage": cfg.ingest.storage, "encoding": storage_label(cfg.ingest),
                   "dtype": "uint8", "resize_policy": spec.resize_policy, "background": list(spec.background)},
         "labels": {"names": label_names, "ids": {n: i for i, n in enumerate(label_names)}},
         "counts": {

@@ -18,6 +18,10 @@ from pipelines.errors import PipelineError
 BACKBONE_NAME = "backbone"  # the nested model's name in every transfer-learning model
 MIN_SIDE = 32  # the smallest input the three applications accept
 
+# The applications' BatchNorm momentum (0.99, MobileNetV2 0.999) suits ImageNet's millions of steps; trained from
+# scratch on a folder of photos, the moving statistics would still be near their initial values when evaluated
+SCRATCH_BATCHNORM_MOMENTUM = 0.9
+
 # Caffe-style (ResNet50): RGB -> BGR, then subtract ImageNet's per-channel mean; as a fixed 1x1 convolution, so the
 # saved model holds only standard layers
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -82,6 +86,10 @@ def backbone_model(name: str, shape: tuple[int, int, int], num_classes: int, dro
     backbone = new_backbone(name, height, width)
     if pretrained_weights:
         load_pretrained(backbone, pretrained_weights, name)
+    else:  # from scratch: BatchNorm statistics that follow the training in tens of steps, not thousands
+        for layer in backbone.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = min(layer.momentum, SCRATCH_BATCHNORM_MOMENTUM)
     # Keras' transfer-learning guide: a pretrained backbone's BatchNorm stays in inference mode, also once unfrozen,
     # so fine-tuning does not wreck the statistics it learned; trained from scratch, it learns its own
     features = backbone(x, training=False) if pretrained_weights else backbone(x)

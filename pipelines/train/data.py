@@ -11,6 +11,7 @@ from typing import Iterator
 import tensorflow as tf
 
 from pipelines.config import AugmentConfig
+from pipelines.dataset.encoding import decode_batch
 from pipelines.errors import first_line
 
 
@@ -26,6 +27,7 @@ class FeedOptions:
     class_weights: tuple[float, ...] = ()
     reader_threads: int = 2
     cache: bool = False  # read the shard once, then serve every epoch from memory
+    encoded: bool = False  # images stored as JPEG/PNG files (ingest.storage encoded): decoded here
 
 
 def cache_shard(rows: int, workers: int, shape: tuple[int, int, int], cache_mb: int) -> bool:
@@ -98,8 +100,11 @@ def unreadable_parquet_file(url: str) -> tuple[str, str] | None:
     return None
 
 
-def _decode(image: tf.Tensor, label: tf.Tensor, shape) -> tuple[tf.Tensor, tf.Tensor]:
-    """A row group's raw pixel bytes -> (n, H, W, C) uint8 and int32 labels, in the graph."""
+def _decode(image: tf.Tensor, label: tf.Tensor, shape, encoded: bool) -> tuple[tf.Tensor, tf.Tensor]:
+    """A row group's images (raw pixel bytes, or JPEG/PNG files) -> (n, H, W, C) uint8 and int32 labels, in the
+    graph."""
+    if encoded:
+        return decode_batch(image, shape), tf.cast(label, tf.int32)
     pixels = tf.reshape(tf.io.decode_raw(image, tf.uint8), (-1, *shape))
     return pixels, tf.cast(label, tf.int32)
 
@@ -142,10 +147,13 @@ def read_shard(url: str, opts: FeedOptions) -> tuple[tf.Tensor, tf.Tensor]:
                            shard=opts.shard, shard_count=opts.shard_count, seed=opts.seed,
                            workers=opts.reader_threads) as reader:
         for batch in reader:
-            raw = np.frombuffer(b"".join(batch.image), np.uint8)
-            if raw.size != len(batch.image) * math.prod(opts.shape):
-                raise ValueError(f"{url}: images are not all {'x'.join(map(str, opts.shape))} uint8")
-            pixels.append(raw.reshape(-1, *opts.shape))
+            if opts.encoded:  # the same decoder as the streamed feed, evaluation and inference
+                pixels.append(decode_batch(tf.constant(list(batch.image)), opts.shape).numpy())
+            else:
+                raw = np.frombuffer(b"".join(batch.image), np.uint8)
+                if raw.size != len(batch.image) * math.prod(opts.shape):
+                    raise ValueError(f"{url}: images are not all {'x'.join(map(str, opts.shape))} uint8")
+                pixels.append(raw.reshape(-1, *opts.shape))
             labels.append(np.asarray(batch.label, np.int32))
     if not pixels:
         raise ValueError(f"{url}: shard {opts.shard} of {opts.shard_count} is empty")
@@ -192,7 +200,7 @@ def split_dataset(url: str, opts: FeedOptions, *, endless: bool) -> Iterator[tf.
                                seed=opts.seed, workers=opts.reader_threads)
     try:
         ds = make_petastorm_dataset(reader)
-        ds = ds.map(lambda b: _decode(b.image, b.label, opts.shape), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda b: _decode(b.image, b.label, opts.shape, opts.encoded), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.unbatch()
         if endless:
             ds = ds.shuffle(opts.shuffle_buffer, seed=opts.seed, reshuffle_each_iteration=True)

@@ -24,6 +24,7 @@ class TrainingData:
     mean: list[float]
     std: list[float]
     class_weights: tuple[float, ...]  # per class id; empty unless train.class_weights
+    encoded: bool = False  # the image column holds JPEG/PNG files, decoded in the feed
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ def training_data(ds: DatasetVersion, manifest: Manifest, class_weights: bool) -
         validation_url=ds.split_path("validation").as_uri() if manifest.count("validation") else None,
         train_rows=manifest.count("train"), validation_rows=manifest.count("validation"),
         shape=tuple(manifest.shape), num_classes=manifest.num_classes, mean=manifest.mean, std=manifest.std,
-        class_weights=tuple(weights[i] for i in range(manifest.num_classes)) if class_weights else ())
+        class_weights=tuple(weights[i] for i in range(manifest.num_classes)) if class_weights else (),
+        encoded=manifest.encoded)
 
 
 def worker_spec(train: TrainConfig, data: TrainingData, run_id: str, tracking_uri: str, checkpoint_dir: str,

@@ -170,7 +170,8 @@ def feed_options(spec: WorkerSpec, hvd, own_cores: int):
     t, d = spec.train, spec.data
     return FeedOptions(d.shape, t.batch_size, hvd.rank(), hvd.size(), t.seed + hvd.rank(), t.shuffle_buffer,
                        t.augmentation if t.augment else None, d.class_weights, reader_threads=reader_threads(t.reader_threads, own_cores),
-                       cache=cache_shard(d.train_rows + d.validation_rows, hvd.size(), d.shape, t.cache_mb))
+                       cache=cache_shard(d.train_rows + d.validation_rows, hvd.size(), d.shape, t.cache_mb),
+                       encoded=d.encoded)
 
 
 def train_epoch(train_step, batches, opt, lr, epoch: int, steps: int, t, hvd) -> dict[str, float]:

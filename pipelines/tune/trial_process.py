@@ -10,7 +10,7 @@ import pipelines  # noqa: F401  (the environment, before TensorFlow)
 from pipelines.tune.trial import RESULT_FILE, SPEC_FILE, spec_from_dict
 
 
-def split_scores(model_path: str, split_url: str, num_classes: int) -> dict[str, object]:
+def split_scores(model_path: str, split_url: str, num_classes: int, encoded: bool = False) -> dict[str, object]:
     """The trained model on a split: accuracy and the recall of each class (correct / rows of that class)."""
     import numpy as np
     import tf_keras as keras
@@ -22,7 +22,14 @@ def split_scores(model_path: str, split_url: str, num_classes: int) -> dict[str,
     with open_batch_reader(split_url, columns=["image", "label"]) as reader:
         for batch in reader:
             shape = model.input_shape[1:]
-            x = np.stack([np.frombuffer(b, np.uint8) for b in batch.image]).reshape((-1, *shape))
+            if encoded:
+                import tensorflow as tf
+
+                from pipelines.dataset.encoding import decode_batch
+
+                x = decode_batch(tf.constant(list(batch.image)), shape).numpy()
+            else:
+                x = np.stack([np.frombuffer(b, np.uint8) for b in batch.image]).reshape((-1, *shape))
             pred = model.predict(x, batch_size=512, verbose=0).argmax(-1)
             y = np.asarray(batch.label)
             np.add.at(totals, y, 1)
@@ -37,7 +44,7 @@ def main(trial_dir: str) -> int:
     job = json.loads((Path(trial_dir) / SPEC_FILE).read_text())
     spec = spec_from_dict(job["spec"])
     result = train_worker(spec)
-    result["scores"] = {name: split_scores(result["model_path"], url, spec.data.num_classes)
+    result["scores"] = {name: split_scores(result["model_path"], url, spec.data.num_classes, spec.data.encoded)
                         for name, url in job["score_urls"].items()}
     (Path(trial_dir) / RESULT_FILE).write_text(json.dumps(result))
     return 0
