@@ -18,6 +18,7 @@ from pipelines.errors import PipelineError, root_cause
 from pipelines.images import ImageSpec
 from pipelines.ingest import prepare, sources
 from pipelines.ingest.publish import Staging, parquet_row_groups
+from pipelines.progress import spark_task_progress
 from pipelines.raw_files import decode_candidates, file_read_settings, image_spec
 from pipelines.secrets import redacted_dict
 from pipelines.spark import run_concurrently, scoped_conf
@@ -62,7 +63,8 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         s["note"] = f"skipped {sum(cand.skipped.values())} non-image files" if cand.skipped else ""
 
     allowed = ic.source.label_names if ic.source.type != "idx" else None
-    with step("ingest", "decoding and validating on the executors") as s:
+    with step("ingest", "decoding and validating on the executors") as s, \
+            spark_task_progress(spark, "ingest", "decoding"):
         decoded = prepare.mark_unknown_labels(decode_candidates(cand.rows, spec), allowed)
         decoded = decoded.persist(StorageLevel.MEMORY_AND_DISK)
         seen = decoded.count()

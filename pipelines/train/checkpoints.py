@@ -86,6 +86,23 @@ def write_progress(directory: Path, metrics: dict[str, float]) -> None:
         fh.write(json.dumps(metrics) + "\n")
 
 
+STEP_FILE = "step.json"  # rank 0's place in the epoch in flight, rewritten every few seconds, for progress
+
+
+def write_step(directory: Path, epoch: int, step: int, steps: int, seconds: float) -> None:
+    """Where rank 0 is in the current epoch (replaced atomically: the driver never reads half of it)."""
+    tmp = directory / f"tmp_{STEP_FILE}"
+    tmp.write_text(json.dumps({"epoch": epoch, "step": step, "steps": steps, "seconds": seconds}))
+    os.replace(tmp, directory / STEP_FILE)
+
+
+def read_step(directory: Path) -> dict[str, float] | None:
+    try:
+        return json.loads((directory / STEP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def check_shared_storage(split_urls: list[str | None], ckpt_dir: Path) -> None:
     """Fail, on an executor, when it cannot see the dataset's splits or the run's checkpoint directory."""
     from pipelines.train.data import local_path

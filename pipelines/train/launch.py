@@ -20,6 +20,7 @@ from pipelines.console import say
 from pipelines.environment import child_env, is_verbose
 from pipelines.errors import PipelineError, first_line
 from pipelines.loopback import bind_horovod_to_loopback
+from pipelines.progress import ProgressLine, progress_text
 from pipelines.signals import SignalWatch, Stopped, signal_name
 from pipelines.spark import local_cores
 from pipelines.train import checkpoints as ck
@@ -164,6 +165,8 @@ class EpochPrinter(threading.Thread):
         self.path, self.total_epochs = path, total_epochs
         self.done = threading.Event()
         self._pos = path.stat().st_size if path.exists() else 0
+        self.progress = ProgressLine("train")  # within a long epoch: steps done, rate, time left
+        self._step_seen: dict | None = ck.read_step(path.parent)  # a resumed run's old one is not news
 
     def run(self) -> None:
         while not self.done.wait(1.0):
@@ -179,11 +182,21 @@ class EpochPrinter(threading.Thread):
                 if not line.endswith("\n"):
                     break
                 self._pos += len(line.encode())
+                self.progress.restart()
                 say("train", epoch_line(json.loads(line), self.total_epochs))
+        self.show_step()
+
+    def show_step(self) -> None:
+        step = ck.read_step(self.path.parent)
+        if step and step != self._step_seen and step["step"] < step["steps"]:
+            self._step_seen = step
+            self.progress.update(progress_text(f"epoch {int(step['epoch']) + 1}/{self.total_epochs}",
+                                               int(step["step"]), int(step["steps"]), step["seconds"], "steps"))
 
     def stop(self) -> None:
         self.done.set()
         self.join(timeout=5)
+        self.progress.clear()
 
 
 def check_task_slots(spark: SparkSession, workers: int) -> None:

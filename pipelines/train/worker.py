@@ -57,7 +57,10 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
             if phases and phases.enter(epoch):  # the same epoch on every worker: the same variables allreduced
                 train_step, eval_step = compiled_steps(model, opt, per_example_loss(t, data.num_classes),
                                                        phases.variables(model))
-            metrics = train_epoch(train_step, batches, opt, lr, epoch, steps, t, hvd)
+            metrics = train_epoch(train_step, batches, opt, lr, epoch, steps, t, hvd,
+                                  step_reporter(ckpt_dir) if hvd.rank() == 0 else None)
+            if phases and not t.pretrained_weights:
+                recalibrate_batchnorm(model, batches)
             average_local_statistics(model, hvd)
             if validation is not None:
                 metrics.update(validate(eval_step, validation, data.validation_rows, epoch, hvd))
@@ -174,7 +177,21 @@ def feed_options(spec: WorkerSpec, hvd, own_cores: int):
                        encoded=d.encoded)
 
 
-def train_epoch(train_step, batches, opt, lr, epoch: int, steps: int, t, hvd) -> dict[str, float]:
+def step_reporter(ckpt_dir: Path, every_seconds: float = 2.0):
+    """Rank 0: report(epoch, step, steps, seconds) writes its place in the epoch for the driver's progress line,
+    at most every `every_seconds`."""
+    last = [0.0]
+
+    def report(epoch: int, step: int, steps: int, seconds: float) -> None:
+        if seconds - last[0] >= every_seconds:
+            last[0] = seconds
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            ck.write_step(ckpt_dir, epoch, step, steps, seconds)
+
+    return report
+
+
+def train_epoch(train_step, batches, opt, lr, epoch: int, steps: int, t, hvd, report=None) -> dict[str, float]:
     """`steps` optimizer steps on every worker; the epoch's metrics, averaged over all workers."""
     import tensorflow as tf
 
@@ -189,6 +206,8 @@ def train_epoch(train_step, batches, opt, lr, epoch: int, steps: int, t, hvd) ->
         loss, correct = train_step(x, y, w)
         loss_sum += loss
         correct_sum += correct
+        if report:
+            report(epoch, step + 1, steps, time.perf_counter() - started)
     seconds = time.perf_counter() - started
     # Horovod: average the epoch's metrics over all workers (MetricAverageCallback fails under tf-keras).
     loss_avg, acc_avg, wait_avg = [float(v) for v in hvd.allreduce(
@@ -196,6 +215,24 @@ def train_epoch(train_step, batches, opt, lr, epoch: int, steps: int, t, hvd) ->
     return {"epoch": epoch, "loss": loss_avg, "accuracy": acc_avg, "lr": float(lr.at(epoch, steps - 1)),
             "epoch_seconds": seconds, "images_per_second": steps * t.batch_size * hvd.size() / seconds,
             "input_wait_fraction": wait_avg}
+
+
+def recalibrate_batchnorm(model, batches, n_batches: int = 5) -> None:
+    """A deep backbone trained from scratch for tens of steps: its BatchNorm moving averages still mix statistics of
+    weights long since changed, and validation in inference mode falls to chance (seen on a real photo run). Reset
+    them to the plain average over `n_batches` training batches under the current weights ("precise BN")."""
+    import tf_keras as keras
+
+    norms = [layer for layer in model.get_layer("backbone").layers
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    kept = [layer.momentum for layer in norms]
+    for k in range(n_batches):
+        for layer in norms:
+            layer.momentum = k / (k + 1)  # a running mean of the k + 1 batches' statistics
+        x, _, _ = next(batches)
+        model(x, training=True)
+    for layer, momentum in zip(norms, kept):
+        layer.momentum = momentum
 
 
 def average_local_statistics(model, hvd) -> None:
