@@ -6,7 +6,7 @@ GPU ?= 0
 CONF ?= conf/local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast benchmarks reliability clean-var
+.PHONY: setup demo photos test test-fast benchmarks reliability clean-var
 
 # Re-run setup when the pins or the package definition change; otherwise this is a no-op.
 $(VENV)/.setup-done: setup.py pyproject.toml constraints.txt scripts/setup.sh
@@ -17,6 +17,12 @@ setup:
 
 demo: $(VENV)/.setup-done
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(CONF)
+
+# The same workflow on a folder of your own photos, PHOTOS/<label>/*.jpg, with conf/profiles/photos.yaml.
+photos: $(VENV)/.setup-done
+	@test -n "$(PHOTOS)" || { echo "make photos PHOTOS=FOLDER: the folder of label folders to train on" >&2; exit 2; }
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(CONF) --conf conf/profiles/photos.yaml \
+		--set ingest.source.path=$(abspath $(PHOTOS))
 
 test: $(VENV)/.setup-done
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)

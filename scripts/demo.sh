@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # make demo: the whole pipeline on the embedded defaults (local Spark, 2 Horovod workers over Gloo, MLflow on
 # SQLite under ./var) as the Databricks-format workflow: ingest -> train -> evaluate (promotion gate)
-# -> infer when there is a champion.
+# -> infer when there is a champion. Arguments after the first (CONF) go to `workflow run` as they are: `make photos`
+# passes the photos profile and the folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONF="${1:-conf/local.yaml}"
+shift || true
 RESULT=$(mktemp)
 trap 'rm -f "$RESULT"' EXIT
-if ! sparkvision workflow run jobs/workflows/fashion_mnist.yaml --conf "$CONF" >"$RESULT"; then
+if ! sparkvision workflow run jobs/workflows/fashion_mnist.yaml --conf "$CONF" "$@" >"$RESULT"; then
   echo "demo: the workflow failed (see the task log named above)" >&2
   exit 1
 fi
