@@ -95,7 +95,8 @@ def test_an_overlay_found_nowhere_lists_the_shipped_ones(tmp_path, monkeypatch):
         load_config(["conf/lcoal.yaml"])
     assert str(err.value) == ("config file not found: conf/lcoal.yaml (shipped overlays: conf/cluster.yaml, "
                               "conf/databricks.yaml, conf/local.yaml, conf/profiles/accurate.yaml, "
-                              "conf/profiles/tuned.yaml, conf/tune/accuracy.yaml, conf/tune/cnn.yaml)")
+                              "conf/profiles/photos.yaml, conf/profiles/tuned.yaml, conf/tune/accuracy.yaml, "
+                              "conf/tune/cnn.yaml)")
 
 
 def _cli(*args):

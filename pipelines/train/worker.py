@@ -22,7 +22,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
 
     from pipelines.models import BACKBONES, BackbonePhases
     from pipelines.train.data import ValidationFeed, split_dataset
-    from pipelines.train.schedule import BestEpoch, LearningRate
+    from pipelines.train.schedule import BestEpoch
 
     t, data, ckpt_dir = spec.train, spec.data, Path(spec.checkpoint_dir)
     hvd.init()  # Horovod: join the other workers (Gloo rendezvous through the Spark driver)
@@ -42,11 +42,8 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     hvd_tf.broadcast_variables(opt.variables, root_rank=0)
 
     steps = steps_per_epoch(data.train_rows, t.batch_size, hvd.size())
-    peak = t.learning_rate * (hvd.size() if t.scale_lr else 1)  # Horovod: scale the rate with the global batch
     phases = BackbonePhases(t.freeze_backbone_epochs, t.unfreeze_layers) if t.model in BACKBONES else None
-    lr = LearningRate(t.learning_rate, peak, t.schedule, t.epochs, t.warmup_epochs, steps,
-                      finetune_from=t.freeze_backbone_epochs if phases else 0, finetune_factor=t.finetune_lr_factor)
-    best = BestEpoch()
+    lr, best = learning_rate(t, steps, hvd.size(), phases is not None), BestEpoch()
     history = replay(spec.resume.history, lr, best)
     train_step, eval_step = compiled_steps(model, opt, per_example_loss(t, data.num_classes))
     feed = feed_options(spec, hvd, devices.own_cores)  # Horovod: each worker reads shard `rank` of `size`
@@ -59,9 +56,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
                                                        phases.variables(model))
             metrics = train_epoch(train_step, batches, opt, lr, epoch, steps, t, hvd,
                                   step_reporter(ckpt_dir) if hvd.rank() == 0 else None)
-            if phases and not t.pretrained_weights:
-                recalibrate_batchnorm(model, batches)
-            average_local_statistics(model, hvd)
+            settle_batchnorm(model, batches, phases is not None and not t.pretrained_weights, hvd)
             if validation is not None:
                 metrics.update(validate(eval_step, validation, data.validation_rows, epoch, hvd))
                 lr.observe(metrics["val_loss"])
@@ -125,6 +120,16 @@ def distributed_optimizer(spec: WorkerSpec, policy: str, variables: list, hvd):
         opt = keras.mixed_precision.LossScaleOptimizer(opt)
     opt.build(variables)
     return opt
+
+
+def learning_rate(t, steps: int, workers: int, backbone: bool):
+    """The configured schedule; a backbone's rate drops to train.finetune_lr_factor once it is unfrozen."""
+    from pipelines.train.schedule import LearningRate
+
+    peak = t.learning_rate * (workers if t.scale_lr else 1)  # Horovod: scale the rate with the global batch
+    return LearningRate(t.learning_rate, peak, t.schedule, t.epochs, t.warmup_epochs, steps,
+                        finetune_from=t.freeze_backbone_epochs if backbone else 0,
+                        finetune_factor=t.finetune_lr_factor)
 
 
 def replay(history: list[dict[str, float]], lr, best) -> list[dict[str, float]]:
@@ -215,6 +220,14 @@ def train_epoch(train_step, batches, opt, lr, epoch: int, steps: int, t, hvd, re
     return {"epoch": epoch, "loss": loss_avg, "accuracy": acc_avg, "lr": float(lr.at(epoch, steps - 1)),
             "epoch_seconds": seconds, "images_per_second": steps * t.batch_size * hvd.size() / seconds,
             "input_wait_fraction": wait_avg}
+
+
+def settle_batchnorm(model, batches, recalibrate: bool, hvd) -> None:
+    """After an epoch: (a backbone trained from scratch) its BatchNorm statistics recomputed, then every worker's
+    averaged."""
+    if recalibrate:
+        recalibrate_batchnorm(model, batches)
+    average_local_statistics(model, hvd)
 
 
 def recalibrate_batchnorm(model, batches, n_batches: int = 5) -> None:
