@@ -15,6 +15,7 @@ from pipelines.config import ConfigError, resolve_path
 from pipelines.errors import PipelineError
 from pipelines.ingest.job import run_ingest
 from pipelines.train.checkpoints import read_state
+from pipelines.train.schedule import BestEpoch
 from pipelines.train.job import run_train
 from pipelines.train.spec import steps_per_epoch
 from pipelines.train.worker import train_worker
@@ -476,7 +477,10 @@ def test_early_stopping_registers_the_best_epochs_weights(spark, small):
                                    "train.mixed_precision=off"))  # float32 in training, as in the registered model
     client = mlflow.MlflowClient()
     history = sorted(client.get_metric_history(out["run_id"], "val_loss"), key=lambda m: m.step)
-    best = min(history, key=lambda m: m.value).step
+    tracker = BestEpoch()  # "best" as the trainer counts it: an improvement of more than 1e-4
+    for m in history:
+        tracker.observe(m.step, m.value)
+    best = tracker.epoch
     assert out["epochs_run"] == best + 2 < 12, [m.value for m in history]  # stopped one epoch after the best
     assert out["registered_epoch"] == best + 1
     run = client.get_run(out["run_id"])
