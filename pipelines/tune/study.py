@@ -120,7 +120,8 @@ def run_tune(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     say("tune", f"{'continuing' if study.is_resumed_study else 'starting'} study {name} (run {study_id}): "
                 f"{tc.trials} trial(s), {tc.parallelism} at a time, {tc.epochs} epoch(s) each on {data.train_rows} "
                 f"training rows of {ds.ref}; searching {', '.join(p.key for p in params)}")
-    earlier = {r.info.run_id for r in child_runs(client, exp_id, study_id)}
+    # trials of earlier invocations; enqueued ones still waiting (SCHEDULED) run in this one
+    earlier = {r.info.run_id for r in child_runs(client, exp_id, study_id) if r.info.status != "SCHEDULED"}
     try:
         with watching_children(spark, client, exp_id, study_id, "tune", trial_line, earlier) as printer:
             study.optimize(objective(setup), n_trials=tc.trials, n_jobs=tc.parallelism,
