@@ -15,7 +15,6 @@ import pandas as pd
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-STORAGES = ("pixels", "encoded")
 # For sizing row groups before anything is encoded: roughly what an encoded image takes against its raw pixels
 ENCODED_SIZE_FRACTION = {"jpeg": 0.125, "png": 0.5}
 
@@ -24,7 +23,7 @@ def encode_pixels(pixels: bytes, shape: tuple[int, int, int], fmt: str, quality:
     """Raw uint8 pixels of `shape` -> one JPEG or PNG file's bytes."""
     from PIL import Image
 
-    height, width, channels = shape
+    channels = shape[2]
     array = np.frombuffer(pixels, np.uint8).reshape(shape)
     image = Image.fromarray(array[:, :, 0] if channels == 1 else array, "L" if channels == 1 else "RGB")
     out = io.BytesIO()
