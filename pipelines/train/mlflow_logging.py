@@ -12,6 +12,10 @@ from pipelines.console import hush
 from pipelines.dataset.contract import DatasetVersion, Manifest
 from pipelines.secrets import redacted_dict
 
+# What loading the model needs; listing them skips MLflow's inference, which imports the model in a fresh
+# interpreter on every log (most of log_model's time) and leaves out tf-keras, which TensorFlow 2.16 needs for it.
+MODEL_REQUIREMENTS = ("mlflow", "cloudpickle", "numpy", "tensorflow", "tf-keras")
+
 
 def log_epoch(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> None:
     """One epoch's metrics to the driver's run, live, at step = epoch (rank 0 only)."""
@@ -90,10 +94,18 @@ def log_model(cfg: Config, model_path: str, manifest: Manifest) -> tuple[str, st
     run_id = mlflow.active_run().info.run_id
     with hush():
         info = mlflow.tensorflow.log_model(model, name="model", signature=signature, input_example=example,
+                                           pip_requirements=pinned_requirements(MODEL_REQUIREMENTS),
                                            metadata={"label_names": manifest.label_names,
                                                      "shape": list(manifest.shape)})
         version = mlflow.register_model(info.model_uri, cfg.mlflow.registered_model, tags={"run_id": run_id})
     return f"runs:/{run_id}/model", str(version.version)
+
+
+def pinned_requirements(packages: tuple[str, ...]) -> list[str]:
+    """`name==version` for each package, as installed here."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in packages]
 
 
 def log_start(cfg: Config, ds: DatasetVersion, manifest: Manifest, steps_per_epoch: int) -> None:

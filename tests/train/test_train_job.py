@@ -94,6 +94,9 @@ def test_two_workers_train_in_sync_and_log_everything(spark, small):
     model = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}/{out['version']}")
     probs = model.predict(np.zeros((3, 28, 28, 1), dtype=np.uint8))
     assert np.asarray(probs).shape == (3, 10)
+    requirements = mlflow.pyfunc.get_model_dependencies(f"runs:/{out['run_id']}/model")
+    pinned = {line.split("==")[0] for line in open(requirements).read().split()}
+    assert {"tensorflow", "tf-keras", "mlflow"} <= pinned  # what loading it elsewhere needs
     # learned something from 1,200 images in 4 short epochs: 3x the 10% chance level, and val_loss fell
     assert out["metrics"]["val_accuracy"] > 0.3
     val_loss = sorted(client.get_metric_history(out["run_id"], "val_loss"), key=lambda m: m.step)
