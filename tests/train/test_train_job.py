@@ -94,6 +94,9 @@ def test_two_workers_train_in_sync_and_log_everything(spark, small):
     model = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}/{out['version']}")
     probs = model.predict(np.zeros((3, 28, 28, 1), dtype=np.uint8))
     assert np.asarray(probs).shape == (3, 10)
+    inputs, outputs = (model.metadata.signature.inputs.inputs[0], model.metadata.signature.outputs.inputs[0])
+    assert (inputs.type, inputs.shape, outputs.type, outputs.shape) == (np.dtype(np.uint8), (-1, 28, 28, 1),
+                                                                        np.dtype(np.float32), (-1, 10))
     requirements = mlflow.pyfunc.get_model_dependencies(f"runs:/{out['run_id']}/model")
     pinned = {line.split("==")[0] for line in open(requirements).read().split()}
     assert {"tensorflow", "tf-keras", "mlflow"} <= pinned  # what loading it elsewhere needs
