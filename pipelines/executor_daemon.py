@@ -1,6 +1,6 @@
 """PySpark's Python daemon for local executors: Horovod's services on the loopback address (pipelines.loopback),
 without the 3 s Horovod's task service waits after every run (pipelines.horovod_fixes) and, unless --verbose,
-without Horovod's traceback on a stopped training run.
+without Keras progress bars (pipelines.keras_quiet) or Horovod's traceback on a stopped training run.
 
 When a run is stopped (Ctrl-C, SIGTERM), Horovod's task service, which runs inside the executor's Python worker,
 closes the output pipe of the training process it aborts while a thread is still forwarding that process's last
@@ -17,6 +17,7 @@ from typing import Any
 
 from pipelines.environment import is_verbose
 from pipelines.horovod_fixes import start_command_lifetime_at_launch
+from pipelines.keras_quiet import quiet_keras_progress_bars
 from pipelines.loopback import bind_if_asked
 
 _print_thread_error = threading.excepthook
@@ -37,6 +38,7 @@ def _thread_error(args: threading.ExceptHookArgs) -> None:
 
 if not is_verbose():
     threading.excepthook = _thread_error  # inherited by the workers the daemon forks
+    quiet_keras_progress_bars()
 bind_if_asked()  # before the daemon forks its workers, which run Horovod's task services
 start_command_lifetime_at_launch()
 
