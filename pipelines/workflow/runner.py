@@ -139,9 +139,9 @@ class WorkflowRunner:
 
     def command(self, task: Task, values: dict[str, dict[str, Any]]) -> list[str]:
         """The process a task runs: spark-submit FILE PARAMS --conf ... --set ..."""
-        job_params = {"conf": self.conf_files[-1] if self.conf_files else "conf/base.yaml", **self.wf.parameters}
-        if self.conf_files:
-            job_params["conf"] = self.conf_files[-1]
+        job_params = {"conf": "conf/base.yaml", **self.wf.parameters}
+        if self.conf_files:  # the first file stands for {{job.parameters.conf}}; the rest follow it, in their order
+            job_params["conf"] = self.conf_files[0]
         params = [substitute(p, job_params, values) for p in task.parameters]
         extra = [x for f in self.conf_files if f not in params for x in ("--conf", f)]
         extra += [x for o in self.overrides for x in ("--set", o)]

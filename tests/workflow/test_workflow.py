@@ -312,3 +312,12 @@ def test_a_running_tasks_stage_lines_and_its_error_line_are_shown(tmp_path, caps
     assert capsys.readouterr().err.splitlines() == [
         "  [tune] trial 0 finished: 0.81", "  [train] epoch 1/3: loss 0.7",
         "  error: training lost a Horovod worker: worker rank 1 was killed by SIGKILL"]
+
+
+def test_a_tasks_conf_files_keep_the_order_they_were_given_in(cfg_factory):
+    """`workflow run --conf A --conf B`: every task merges A then B, so B's settings win, as on the command line."""
+    wf = load_workflow(ROOT / "jobs/workflows/fashion_mnist.yaml")
+    runner = WorkflowRunner(cfg_factory(), wf, ["conf/local.yaml", "conf/profiles/photos.yaml"], [])
+    command = runner.command(wf.tasks["train"], {"ingest": {"dataset": "photos/v0001"}})
+    confs = [command[i + 1] for i, arg in enumerate(command) if arg == "--conf" and command[i + 1].endswith(".yaml")]
+    assert confs == ["conf/local.yaml", "conf/profiles/photos.yaml"]
