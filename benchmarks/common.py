@@ -44,20 +44,16 @@ def bench_dataset(spark, cfg):
 
 
 def bench_model(cfg, manifest) -> str:
-    """An untrained mnist_cnn for the dataset, logged and registered as `train` does (the cost of inference does not
-    depend on the weights); its models:/ URI."""
-    import mlflow
-    import numpy as np
-    from mlflow.models import infer_signature
+    """An untrained mnist_cnn for the dataset, logged and registered by `train`'s own log_model (the cost of
+    inference does not depend on the weights); its models:/ URI."""
+    import tempfile
 
     from pipelines import tracking
-    from pipelines.console import hush
     from pipelines.models import build_model
+    from pipelines.train.mlflow_logging import log_model
 
     model = build_model("mnist_cnn", manifest.shape, manifest.num_classes, manifest.mean, manifest.std)
-    example = np.zeros((1, *manifest.shape), np.uint8)
-    with tracking.run(cfg, "bench"), hush():
-        info = mlflow.tensorflow.log_model(model, name="model", signature=infer_signature(example, model.predict(
-            example, verbose=0)), metadata={"label_names": manifest.label_names, "shape": list(manifest.shape)})
-        version = mlflow.register_model(info.model_uri, cfg.mlflow.registered_model).version
+    with tempfile.TemporaryDirectory() as tmp, tracking.run(cfg, "bench"):
+        model.save(f"{tmp}/model.keras")
+        _, version = log_model(cfg, f"{tmp}/model.keras", manifest)
     return f"models:/{cfg.mlflow.registered_model}/{version}"

@@ -90,8 +90,8 @@ def log_model(cfg: Config, model_path: str, manifest: Manifest) -> tuple[str, st
 
     model = keras.models.load_model(model_path)
     # the signature from shapes and dtypes alone; no input example, whose check loads the model again and traces its
-    # predict function (half a minute for a backbone), for a zeros image that tells a reader nothing the signature
-    # does not. The tests load and score the registered model instead.
+    # predict function (long for a backbone), for a zeros image that tells a reader nothing the signature does not.
+    # The tests load and score the registered model instead.
     signature = infer_signature(np.zeros((1, *manifest.shape), np.uint8),
                                 np.zeros((1, model.output_shape[-1]), np.float32))
     run_id = mlflow.active_run().info.run_id
