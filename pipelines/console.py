@@ -23,10 +23,19 @@ def quiet_libraries(verbose: bool) -> None:
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
         os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
         warnings.filterwarnings("ignore")
-        for name in ("py4j", "pyspark", "mlflow", "petastorm", "horovod", "tensorflow", "absl", "alembic", "urllib3"):
+        for name in ("pyspark", "mlflow", "petastorm", "horovod", "tensorflow", "absl", "alembic", "urllib3"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # py4j's failed calls reach their caller as exceptions anyway; it also logs some of them on the root logger
+        # (`logging.exception`), which prints tracebacks when a stop signal kills Spark's JVM before our handler runs.
+        logging.getLogger("py4j").setLevel(logging.CRITICAL)
+        logging.getLogger().addFilter(_not_from_py4j)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+
+
+def _not_from_py4j(record: logging.LogRecord) -> bool:
+    """A root-logger filter: drop the records py4j logs there instead of on its own logger."""
+    return f"{os.sep}py4j{os.sep}" not in record.pathname
 
 
 @contextlib.contextmanager
