@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 GPU ?= 0
 CONF ?= conf/local.yaml
 PYTEST_ARGS ?=
+QUICK ?= 0
+BENCH_ARGS ?=
 
 .PHONY: setup demo photos test test-fast benchmarks reliability clean-var
 
@@ -30,8 +32,9 @@ test: $(VENV)/.setup-done
 test-fast: $(VENV)/.setup-done
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Every benchmark script, one report (var/benchmarks/report.md and .json, an MLflow run); QUICK=1: the short version.
 benchmarks: $(VENV)/.setup-done
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash -c 'for b in benchmarks/*.py; do $(PY) $$b || exit 1; done'
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/benchmarks.py $(if $(filter 1,$(QUICK)),--quick) $(BENCH_ARGS)
 
 reliability: $(VENV)/.setup-done
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/reliability.py $(PYTEST_ARGS)

@@ -1,17 +1,21 @@
 """Helpers shared by the benchmark scripts: quiet environment, timing, printing side by side."""
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pipelines  # noqa: E402,F401  (sets the environment every process needs, before TensorFlow is imported)
 BENCH_DIR = ROOT / "var" / "bench"
+ROWS_VAR = "SPARKVISION_BENCH_ROWS"  # where record() appends its rows; scripts/benchmarks.py sets it per run
 
 
 @contextmanager
@@ -28,6 +32,54 @@ def report(title: str, rows: list[tuple[str, float, str]], ratio_name: str, rati
         print(f"  {name:<{width}} {value:>10.1f} {unit}")
     verdict = "meets" if ratio >= goal else "MISSES"
     print(f"  {ratio_name:<{width}} {ratio:>10.2f}x  ({verdict} the goal of {goal}x)")
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """min / median / max of a benchmark's repetitions."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def repeat(n: int, measure: Callable[[], float]) -> list[float]:
+    """`measure()` n times (each returns one figure): the repetitions a report row needs."""
+    return [measure() for _ in range(n)]
+
+
+def record(name: str, baseline: Sequence[float] | None, pipeline: Sequence[float], unit: str,
+           goal: float | None, *, ratio_of: str = "pipeline / baseline", lower_is_better: bool = False,
+           note: str = "", curve: dict | None = None) -> dict:
+    """One row of the benchmark report, written as a JSON line to $SPARKVISION_BENCH_ROWS (when set): the baseline
+    and pipeline repetitions measured in this run, their medians' ratio (inverted when lower is better, so a ratio
+    above 1 always favours the pipeline) and whether it meets the goal. `curve`: a scaling curve to plot,
+    {"x": [...], "y": [...], "x_label": ..., "y_label": ...}."""
+    pipe = spread(pipeline)
+    base = spread(baseline) if baseline else None
+    ratio = None
+    if base and base["median"] and pipe["median"]:
+        ratio = base["median"] / pipe["median"] if lower_is_better else pipe["median"] / base["median"]
+    row = {"name": name, "unit": unit, "baseline": base, "pipeline": pipe, "ratio": ratio, "ratio_of": ratio_of,
+           "goal": goal, "met": None if goal is None or ratio is None else ratio >= goal, "note": note,
+           "script": Path(sys.argv[0]).name, "curve": curve}
+    if os.environ.get(ROWS_VAR):
+        with open(os.environ[ROWS_VAR], "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The peak resident memory of a process so far (VmHWM), in MiB; 0 for one that has exited (or is a zombie)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in lines if line.startswith("VmHWM:")), 0.0)
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start a process's peak resident memory again from its current size (Linux: clear_refs 5)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        pass  # it has exited
 
 
 def bench_dataset(spark, cfg):

@@ -11,7 +11,7 @@ import shutil
 import statistics
 import time
 
-from common import BENCH_DIR, ROOT
+from common import BENCH_DIR, ROOT, record
 
 STORAGES = (("pixels", "jpeg"), ("encoded", "jpeg"), ("encoded", "png"))
 
@@ -50,6 +50,31 @@ def in_memory_rate(ds, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def training_step_rate(ds, model_name: str, batch: int, steps: int) -> float:
+    """Images/s the training step consumes at this size: `model_name` (the photos profile's backbone) trained on
+    batches already in memory, in the precision `train.mixed_precision: auto` picks on this CPU."""
+    import numpy as np
+    import tf_keras as keras
+
+    from pipelines.models import build_model
+    from pipelines.train.devices import cpu_flags, precision_policy
+
+    m = ds.manifest()
+    keras.mixed_precision.set_global_policy(precision_policy("auto", False, "amx_bf16" in cpu_flags()))
+    model = build_model(model_name, m.shape, m.num_classes, m.mean, m.std)
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (batch, *m.shape), dtype=np.uint8)
+    y = rng.integers(0, m.num_classes, batch).astype(np.int32)
+    model.train_on_batch(x, y)  # the first step traces
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model.train_on_batch(x, y)
+    rate = steps * batch / (time.perf_counter() - t0)
+    keras.mixed_precision.set_global_policy("float32")
+    return rate
+
+
 def stored_bytes_per_image(ds) -> float:
     files = list(ds.split_path("train").glob("*.parquet"))
     return sum(f.stat().st_size for f in files) / ds.manifest().count("train")
@@ -65,6 +90,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 224])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", default="mobilenet_v2", help="the backbone whose training step the feed must outrun")
+    ap.add_argument("--train-steps", type=int, default=3, help="timed training steps per repetition (batch 32)")
     args = ap.parse_args()
 
     from ingest_folder import build_photos
@@ -85,6 +112,7 @@ def main() -> None:
           f"min/median/max of {args.repeats}")
     print(f"  {'size':>4} {'storage':<14} {'bytes/image':>11} {'feed img/s (min med max)':>28} {'in-memory numpy':>26}")
     for size in args.sizes:
+        step = None
         for storage, fmt in STORAGES:
             name = f"bench_storage_{size}_{storage}_{fmt}"
             shutil.rmtree(BENCH_DIR / "datasets" / name, ignore_errors=True)
@@ -99,6 +127,11 @@ def main() -> None:
             label = storage if storage == "pixels" else f"{storage} {fmt}"
             print(f"  {size:>4} {label:<14} {stored_bytes_per_image(ds):>11.0f} {spread(feed):>28} {base:>26}",
                   flush=True)
+            step = step or [training_step_rate(ds, args.model, 32, args.train_steps) for _ in range(args.repeats)]
+            record(f"training feed, {size}x{size} photos, {label}, streamed, vs the {args.model} training step",
+                   step, feed, "img/s", 5.0, ratio_of="feed / training step",
+                   note=f"{stored_bytes_per_image(ds):,.0f} bytes per stored image")
+        print(f"  {size:>4} {args.model} training step (batch 32, in memory): {spread(step)} img/s", flush=True)
     spark.stop()
 
 

@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 
-from common import BENCH_DIR, ROOT, bench_dataset, bench_model
+from common import BENCH_DIR, ROOT, bench_dataset, bench_model, record
 
 
 def write_pngs(ds, count: int, folder) -> list:
@@ -129,6 +129,11 @@ def main() -> None:
         print(f"  {name:<58} {value:>10.1f} {unit}")
     print(f"  {len(p50)} micro-batches after the warm-up one, {args.files - 1} files arriving at {args.rate:g}/s; "
           f"the whole stream, start-up included, took {stream_s:.0f}s")
+    what = f"streaming inference, {args.files:,} PNG files arriving at {args.rate:g}/s"
+    record(f"{what}, arrival to output per micro-batch (median)", None, p50, "s", None,
+           note=f"worst file {max(worst):.1f} s; start-up {warm_s:.0f} s")
+    record(f"{what}, micro-batch rows/s vs batch infer of the same files", [batch["images_per_second"]], rates,
+           "img/s", None, note="batch infer includes its start-up")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from common import BENCH_DIR, ROOT, bench_dataset, report
+from common import BENCH_DIR, ROOT, bench_dataset, record, report
 
 
 def main() -> None:
@@ -61,6 +61,11 @@ def main() -> None:
     report("the bound: one trial's own process, no Spark, no Optuna storage",
            [("one alone, every core", alone, "s"), ("two at once, one core each", pair, "s (both done)")],
            "two at once vs one after the other", 2 * alone / pair, 1.6)
+    what = f"tune, {args.trials} trials of {args.epochs} epoch(s) on {args.rows:,} rows"
+    record(f"{what}, {args.parallelism} at once vs one at a time", [per_hour[1]], [per_hour[args.parallelism]],
+           "trials/hour", 1.6, note="one study each way: a study is the repetition")
+    record(f"{what}, bound: a bare trial process, two at once vs one after the other", [3600 / alone],
+           [2 * 3600 / pair], "trials/hour", 1.6, note="no Spark, no Optuna storage: what no scheduler can beat")
 
 
 def bare_trial_seconds(trial_dir, tracking_uri: str) -> tuple[float, float]:

@@ -13,7 +13,13 @@ if ! sparkvision workflow run jobs/workflows/fashion_mnist.yaml --conf "$CONF" "
   echo "demo: the workflow failed (see the task log named above)" >&2
   exit 1
 fi
-python - "$RESULT" "$CONF" <<'PY'
+# The UI command names every --conf the workflow ran with (a profile may name another experiment).
+CONFS=(--conf "$CONF")
+ARGS=("$@")
+for ((i = 0; i < ${#ARGS[@]}; i++)); do
+  [ "${ARGS[i]}" = "--conf" ] && [ $((i + 1)) -lt ${#ARGS[@]} ] && CONFS+=(--conf "${ARGS[i + 1]}")
+done
+python - "$RESULT" "${CONFS[*]}" <<'PY'
 import json, sys
 run = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
 t = {k: v["values"] for k, v in run["tasks"].items()}
@@ -28,5 +34,5 @@ if t.get("infer"):
 else:
     print(f"predictions:       none: {run['tasks']['infer'].get('reason', 'infer did not run')} (no champion yet)")
 print(f"workflow run:      {run['run_id']} (sparkvision workflow runs)")
-print(f"MLflow UI:         sparkvision ui --conf {sys.argv[2]}   (it prints the page of the training runs)")
+print(f"MLflow UI:         sparkvision ui {sys.argv[2]}   (it prints the page of the training runs)")
 PY

@@ -1,0 +1,64 @@
+"""The benchmark report: rows as the scripts record them, the markdown table, the README's per-CPU blocks."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def common():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    return _load("bench_common", ROOT / "benchmarks" / "common.py")
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return _load("bench_runner", ROOT / "scripts" / "benchmarks.py")
+
+
+def test_a_row_has_the_spread_of_each_side_and_the_ratio_of_medians(common, tmp_path, monkeypatch):
+    rows = tmp_path / "rows.jsonl"
+    monkeypatch.setenv(common.ROWS_VAR, str(rows))
+    faster = common.record("speed", [100, 90, 110], [85, 70, 80], "img/s", 0.8)
+    slower = common.record("cost", [2.0], [3.0], "s", 0.9, lower_is_better=True)
+    common.record("no baseline", None, [4.0], "%", None)
+    assert faster["baseline"] == {"min": 90, "median": 100, "max": 110, "n": 3}
+    assert faster["ratio"] == pytest.approx(0.8) and faster["met"] is True
+    assert slower["ratio"] == pytest.approx(2 / 3) and slower["met"] is False  # 3 s against 2 s: a third slower
+    written = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [r["name"] for r in written] == ["speed", "cost", "no baseline"]
+    assert written[2]["ratio"] is None and written[2]["met"] is None
+
+
+def test_the_table_shows_min_median_max_and_which_goals_were_missed(common, runner, tmp_path, monkeypatch):
+    monkeypatch.delenv(common.ROWS_VAR, raising=False)
+    rows = [{**common.record("inference", [5000, 6000, 6500], [4000, 4100, 4500], "img/s", 0.8), "measured": "d"}]
+    m = {"cpu": "AMD EPYC", "cores": 2, "amx": False, "avx512": True, "avx512_bf16": True, "precision": "float32"}
+    table = runner.markdown(rows, m, quick=False)
+    assert "| inference | 5,000 / **6,000** / 6,500 | 4,000 / **4,100** / 4,500 | img/s | 0.68x" in table
+    assert table.rstrip().endswith("| 0.80x | **no** |")
+    assert "AMD EPYC, 2 cores, AVX-512 + AVX-512 bf16, training in float32" in table
+
+
+def test_the_readme_keeps_every_cpu_kinds_table_and_replaces_this_ones(runner, tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{runner.START}\n#### Intel Xeon (AMX)\n\nold intel\n\n#### AMD EPYC (no AMX)\n\n"
+                      f"old amd\n{runner.END}\nafter\n")
+    monkeypatch.setattr(runner, "ROOT", tmp_path)
+    runner.update_readme("new amd", {"cpu": "AMD EPYC", "amx": False})
+    text = readme.read_text()
+    assert "old intel" in text and "new amd" in text and "old amd" not in text
+    assert text.startswith("intro\n") and text.endswith(f"{runner.END}\nafter\n")
+    runner.update_readme("an AMX one", {"cpu": "Intel Sapphire", "amx": True})
+    assert readme.read_text().count("#### ") == 3
