@@ -79,7 +79,9 @@ def figure(stats: dict | None) -> str:
 
 def markdown(rows: list[dict], m: dict, quick: bool) -> str:
     """The report's table: each row's baseline and pipeline (min / median / max), ratio, goal and verdict."""
-    lines = [f"Measured {rows[0]['measured'] if rows else ''} on {cpu_kind(m)}{' (quick run)' if quick else ''}.",
+    scripts = ", ".join(sorted({f"`{r['script']}`" for r in rows}))
+    lines = [f"Measured {rows[0]['measured'] if rows else ''} on {cpu_kind(m)}{' (quick run)' if quick else ''}, "
+             f"by {scripts}.",
              "Figures are min / **median** / max of the repetitions; the ratio is of the medians, above 1 in the "
              "pipeline's favour.", "",
              "| benchmark | baseline | pipeline | unit | ratio | goal | met |", "|---|---|---|---|---|---|---|"]
