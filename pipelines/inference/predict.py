@@ -25,7 +25,24 @@ PREDICTION_FIELDS = [
     T.StructField("model_version", T.StringType()),
 ]
 
-_MODELS: dict[tuple[str | None, str], object] = {}  # by (tracking store, URI): two stores can both hold NAME/1
+_MODELS: dict[object, object] = {}  # by (tracking store, URI), two stores can both hold NAME/1; or by shipped path
+
+
+_SHIPPED: dict[tuple[str, str, str], str] = {}  # (Spark application, tracking store, URI) -> the shipped copy's name
+
+
+def _limit_threads() -> None:
+    """Several Python workers share the machine: one core's worth each (SPARKVISION_TF_THREADS), before TensorFlow
+    first runs."""
+    import tensorflow as tf
+
+    threads = int(os.environ.get("SPARKVISION_TF_THREADS", "0"))
+    if threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:
+            pass  # TensorFlow already initialized in this process
 
 
 def load_keras_model(uri: str, tracking_uri: str | None = None):
@@ -34,20 +51,61 @@ def load_keras_model(uri: str, tracking_uri: str | None = None):
 
     key = (tracking_uri or mlflow.get_tracking_uri(), uri)
     if key not in _MODELS:
-        import tensorflow as tf
-
-        threads = int(os.environ.get("SPARKVISION_TF_THREADS", "0"))
-        if threads:  # several Python workers share the machine: one core's worth each
-            try:
-                tf.config.threading.set_intra_op_parallelism_threads(threads)
-                tf.config.threading.set_inter_op_parallelism_threads(threads)
-            except RuntimeError:
-                pass  # TensorFlow already initialized in this process
+        _limit_threads()
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
             mlflow.set_registry_uri(tracking_uri)
         _MODELS[key] = mlflow.tensorflow.load_model(uri)
     return _MODELS[key]
+
+
+def ship_model(sc, load_uri: str, tracking_uri: str, registry_uri: str | None = None) -> str:
+    """Download the model once on the driver and hand a copy to every executor (SparkContext.addFile): the
+    executors' Python workers then load its Keras file directly, without importing MLflow or opening the tracking
+    store, which cost each worker seconds. `registry_uri`: where models:/ URIs are looked up (default: the tracking
+    store, as load_keras_model does). Returns the name the executors find the copy by (SparkFiles)."""
+    registry_uri = registry_uri or tracking_uri
+    key = (sc.applicationId, f"{tracking_uri}|{registry_uri}", load_uri)
+    if key not in _SHIPPED:
+        import atexit
+        import hashlib
+        import shutil
+        import tempfile
+
+        import mlflow
+
+        name = "sparkvision-model-" + hashlib.sha1("|".join(key[1:]).encode()).hexdigest()[:16]
+        parent = tempfile.mkdtemp(prefix="sparkvision-models-")
+        atexit.register(shutil.rmtree, parent, True)
+        previous = mlflow.get_registry_uri()
+        mlflow.set_registry_uri(registry_uri)  # models:/ URIs resolve against the registry, not tracking_uri
+        try:
+            local = mlflow.artifacts.download_artifacts(load_uri, dst_path=os.path.join(parent, name),
+                                                        tracking_uri=tracking_uri)
+        finally:
+            mlflow.set_registry_uri(previous)
+        sc.addFile(local.rstrip("/"), recursive=True)
+        _SHIPPED[key] = os.path.basename(local.rstrip("/"))
+    return _SHIPPED[key]
+
+
+def load_shipped_model(name: str, load_uri: str, tracking_uri: str):
+    """On an executor: the copy ship_model handed out, loaded once per Python worker with tf-keras; MLflow's loader
+    when the copy is missing or is not a plain Keras file."""
+    from pyspark import SparkFiles
+
+    path = os.path.join(SparkFiles.get(name), "data", "model.keras")
+    if path not in _MODELS:
+        if not os.path.isfile(path):
+            return load_keras_model(load_uri, tracking_uri)
+        _limit_threads()
+        import tf_keras
+
+        try:
+            _MODELS[path] = tf_keras.models.load_model(path, compile=False)
+        except Exception:  # custom objects, another format: as MLflow loads it
+            return load_keras_model(load_uri, tracking_uri)
+    return _MODELS[path]
 
 
 _CALLS: dict[int, object] = {}
@@ -59,7 +117,9 @@ def predict_pixels(model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
 
     call = _CALLS.get(id(model))
     if call is None:
-        call = _CALLS[id(model)] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        # autograph=False: Keras' call has no tensor-dependent Python control flow, and converting it costs seconds
+        call = _CALLS[id(model)] = tf.function(lambda x: model(x, training=False), reduce_retracing=True,
+                                               autograph=False)
     out = []
     for i in range(0, len(pixels), batch_size):
         chunk = pixels[i:i + batch_size]
@@ -128,11 +188,12 @@ def predict(df: DataFrame, model_uri: str, image_column: str = "image", top_k: i
     keep = [c for c in df.columns if keep_image or c != image_column]
     schema = T.StructType([f for f in df.schema.fields if f.name in keep] + PREDICTION_FIELDS)
     out_names = keep + [f.name for f in PREDICTION_FIELDS]
+    shipped = ship_model(df.sparkSession.sparkContext, load_uri, tracking_uri, mlflow.get_registry_uri())
 
     def score(batches):
         import pyarrow as pa
 
-        net = load_keras_model(load_uri, tracking_uri)
+        net = load_shipped_model(shipped, load_uri, tracking_uri)
         for batch in batches:
             probs = predict_pixels(net, pixels_from_arrow(batch.column(image_column), shape), batch_size)
             n = batch.num_rows
