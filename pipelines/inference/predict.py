@@ -60,10 +60,11 @@ def load_keras_model(uri: str, tracking_uri: str | None = None):
 
 
 def ship_model(sc, load_uri: str, tracking_uri: str, registry_uri: str | None = None) -> str:
-    """Download the model once on the driver and hand a copy to every executor (SparkContext.addFile): the
-    executors' Python workers then load its Keras file directly, without importing MLflow or opening the tracking
-    store, which cost each worker seconds. `registry_uri`: where models:/ URIs are looked up (default: the tracking
-    store, as load_keras_model does). Returns the name the executors find the copy by (SparkFiles)."""
+    """Download the model once on the driver and hand its Keras file to every executor (SparkContext.addFile): the
+    executors' Python workers then load it directly, without importing MLflow or opening the tracking store, which
+    cost each worker seconds. `registry_uri`: where models:/ URIs are looked up (default: the tracking store, as
+    load_keras_model does). Returns the file name the executors find the copy by (SparkFiles), or "" when the model
+    has no plain Keras file (the executors then load it through MLflow)."""
     registry_uri = registry_uri or tracking_uri
     key = (sc.applicationId, f"{tracking_uri}|{registry_uri}", load_uri)
     if key not in _SHIPPED:
@@ -74,27 +75,33 @@ def ship_model(sc, load_uri: str, tracking_uri: str, registry_uri: str | None = 
 
         import mlflow
 
-        name = "sparkvision-model-" + hashlib.sha1("|".join(key[1:]).encode()).hexdigest()[:16]
         parent = tempfile.mkdtemp(prefix="sparkvision-models-")
         atexit.register(shutil.rmtree, parent, True)
         previous = mlflow.get_registry_uri()
         mlflow.set_registry_uri(registry_uri)  # models:/ URIs resolve against the registry, not tracking_uri
         try:
-            local = mlflow.artifacts.download_artifacts(load_uri, dst_path=os.path.join(parent, name),
+            local = mlflow.artifacts.download_artifacts(load_uri, dst_path=os.path.join(parent, "model"),
                                                         tracking_uri=tracking_uri)
         finally:
             mlflow.set_registry_uri(previous)
-        sc.addFile(local.rstrip("/"), recursive=True)
-        _SHIPPED[key] = os.path.basename(local.rstrip("/"))
+        keras_file = os.path.join(local, "data", "model.keras")
+        name = ""
+        if os.path.isfile(keras_file):
+            # one file, not the folder: a cluster master refuses to add a local directory; the name is unique per
+            # store and URI because the executors' SparkFiles folder is shared by every model of the application
+            name = "sparkvision-model-" + hashlib.sha1("|".join(key[1:]).encode()).hexdigest()[:16] + ".keras"
+            shutil.copyfile(keras_file, os.path.join(parent, name))
+            sc.addFile(os.path.join(parent, name))
+        _SHIPPED[key] = name
     return _SHIPPED[key]
 
 
 def load_shipped_model(name: str, load_uri: str, tracking_uri: str):
-    """On an executor: the copy ship_model handed out, loaded once per Python worker with tf-keras; MLflow's loader
-    when the copy is missing or is not a plain Keras file."""
+    """On an executor: the Keras file ship_model handed out, loaded once per Python worker with tf-keras; MLflow's
+    loader when nothing was shipped or the file is not one tf-keras loads as it is."""
     from pyspark import SparkFiles
 
-    path = os.path.join(SparkFiles.get(name), "data", "model.keras")
+    path = SparkFiles.get(name) if name else ""
     if path not in _MODELS:
         if not os.path.isfile(path):
             return load_keras_model(load_uri, tracking_uri)
