@@ -51,10 +51,10 @@ def record(name: str, baseline: Sequence[float] | None, pipeline: Sequence[float
     and pipeline repetitions measured in this run, their medians' ratio (inverted when lower is better, so a ratio
     above 1 always favours the pipeline) and whether it meets the goal. `curve`: a scaling curve to plot,
     {"x": [...], "y": [...], "x_label": ..., "y_label": ...}."""
-    pipe = spread(pipeline)
+    pipe = spread(pipeline) if len(pipeline) else None  # none: the pipeline never got there (say so in `note`)
     base = spread(baseline) if baseline else None
     ratio = None
-    if base and base["median"] and pipe["median"]:
+    if base and pipe and base["median"] and pipe["median"]:
         ratio = base["median"] / pipe["median"] if lower_is_better else pipe["median"] / base["median"]
     row = {"name": name, "unit": unit, "baseline": base, "pipeline": pipe, "ratio": ratio, "ratio_of": ratio_of,
            "goal": goal, "met": None if goal is None or ratio is None else ratio >= goal, "note": note,

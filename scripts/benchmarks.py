@@ -31,6 +31,8 @@ PLAN: dict[str, tuple[list[str], list[str]]] = {
     "storage_feed.py": ([], ["--images", "120", "--sizes", "64", "--seconds", "1", "--train-steps", "2"]),
     "streaming.py": ([], ["--files", "60", "--rate", "30"]),
     "tune_parallelism.py": ([], ["--trials", "2", "--epochs", "1", "--rows", "1000"]),
+    "time_to_accuracy.py": ([], ["--profiles", "default", "--targets", "0.70,0.80", "--set", "train.model=lenet5",
+                                 "--set", "train.epochs=2"]),
 }
 
 
@@ -122,7 +124,8 @@ def log_to_mlflow(rows: list[dict], m: dict, quick: bool) -> str:
         mlflow.log_params({k: str(v) for k, v in m.items()})
         for r in rows:
             key = metric_key(r["name"])
-            mlflow.log_metric(f"{key}/pipeline", r["pipeline"]["median"])
+            if r["pipeline"]:
+                mlflow.log_metric(f"{key}/pipeline", r["pipeline"]["median"])
             if r["ratio"] is not None:
                 mlflow.log_metric(f"{key}/ratio", r["ratio"])
             if r["curve"]:

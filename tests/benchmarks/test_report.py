@@ -62,3 +62,19 @@ def test_the_readme_keeps_every_cpu_kinds_table_and_replaces_this_ones(runner, t
     assert text.startswith("intro\n") and text.endswith(f"{runner.END}\nafter\n")
     runner.update_readme("an AMX one", {"cpu": "Intel Sapphire", "amx": True})
     assert readme.read_text().count("#### ") == 3
+
+
+def test_a_goal_never_reached_is_a_row_with_no_pipeline_figure_and_its_note(common, runner, monkeypatch):
+    monkeypatch.delenv(common.ROWS_VAR, raising=False)
+    row = common.record("seconds to 0.93", None, [], "s", None, lower_is_better=True, note="not reached (best 0.91)")
+    assert row["pipeline"] is None and row["ratio"] is None and row["met"] is None
+    m = {"cpu": "AMD EPYC", "cores": 2, "amx": False, "avx512": True, "avx512_bf16": True, "precision": "float32"}
+    assert "| seconds to 0.93 (not reached (best 0.91)) |  |  | s |" in runner.markdown([{**row, "measured": "d"}], m,
+                                                                                         quick=False)
+
+
+def test_time_to_accuracy_is_the_first_epoch_at_or_above_the_target(common):
+    tta = _load("bench_tta", ROOT / "benchmarks" / "time_to_accuracy.py")
+    curve = [(30.0, 0.85), (55.0, 0.91), (80.0, 0.90), (105.0, 0.925)]
+    assert tta.seconds_to(curve, 0.90) == 55.0 and tta.seconds_to(curve, 0.92) == 105.0
+    assert tta.seconds_to(curve, 0.93) is None
