@@ -18,7 +18,7 @@ from pipelines.dataset.contract import resolve_dataset
 from pipelines.errors import PipelineError
 from pipelines.inference import metrics as M
 from pipelines.inference.models import CHALLENGER, CHAMPION, alias_version, latest_version_uri, resolve_model
-from pipelines.inference.predict import check_image_lengths, predict
+from pipelines.inference.predict import predict
 
 
 def score_split(df: DataFrame, model_uri: str, top_k: int, batch_size: int) -> DataFrame:
@@ -47,6 +47,20 @@ def misclassified_png(scored: DataFrame, names: list[str], shape, count: int) ->
         lambda it: [M.misclassified_grid_png([(r["image"], names[r["label"]], names[r["pred_label"]]) for r in it], shape)])
     pngs = [p for p in rows.collect() if p]
     return pngs[0] if pngs else None
+
+
+EVALUATED_ON = "test_accuracy_on"  # model version tag: the dataset version and split test_accuracy was measured on
+
+
+def recorded_accuracy(name: str, version: str, split_ref: str) -> float | None:
+    """The accuracy an earlier evaluation recorded on a registered version, if it scored the same dataset version
+    and split (a version's weights never change, so neither does its score there); None otherwise."""
+    import mlflow
+
+    tags = mlflow.MlflowClient().get_model_version(name, version).tags
+    if tags.get(EVALUATED_ON) != split_ref or "test_accuracy" not in tags:
+        return None
+    return float(tags["test_accuracy"])
 
 
 def evaluate_model(cfg: Config, model_uri: str, split_df: DataFrame, names: list[str],
@@ -134,7 +148,7 @@ def run_evaluate(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         raise PipelineError(f"model {uri} expects images {candidate.shape}, dataset {ds.ref} has {manifest.shape}")
     split = cfg.evaluate.split
     df = with_pixels(spark.read.parquet(ds.split_path(split).as_uri()), manifest)
-    n = check_image_lengths(df, "image", candidate.shape)
+    n = manifest.count(split)  # a published version's images were checked against its shape when it was ingested
     names = manifest.label_names
 
     result = evaluate_model(cfg, uri, df, names, candidate.shape)
@@ -145,9 +159,10 @@ def run_evaluate(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     champion_version = alias_version(name, CHAMPION) if candidate.name == name else None
     champion_accuracy = None
     if champion_version and champion_version != candidate.version:
-        champ_uri = f"models:/{name}/{champion_version}"
-        champ = evaluate_model(cfg, champ_uri, df, names, candidate.shape)
-        champion_accuracy = champ["summary"]["accuracy"]
+        champion_accuracy = recorded_accuracy(name, champion_version, f"{ds.ref}:{split}")
+        if champion_accuracy is None:  # never evaluated on this split: score it now
+            champ = evaluate_model(cfg, f"models:/{name}/{champion_version}", df, names, candidate.shape)
+            champion_accuracy = champ["summary"]["accuracy"]
     gate = _gate(cfg, candidate, acc, champion_accuracy, champion_version)
 
     eval_run_id = _log_evaluation(cfg, candidate, uri, ds, split, result, names, gate, champion_version,
@@ -157,6 +172,7 @@ def run_evaluate(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         client.log_metric(candidate.run_id, "test_accuracy", acc)  # visible next to the training metrics
     if candidate.version and candidate.name == name:
         client.set_model_version_tag(name, candidate.version, "test_accuracy", f"{acc:.6f}")
+        client.set_model_version_tag(name, candidate.version, EVALUATED_ON, f"{ds.ref}:{split}")
         client.set_registered_model_alias(name, gate["decision"], candidate.version)
     took = time.perf_counter() - started
     say("evaluate", f"promotion: version {candidate.version} -> {gate['decision']} ({gate['reason']}) in {took:.0f}s")

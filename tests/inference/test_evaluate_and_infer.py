@@ -80,6 +80,24 @@ def test_gate_refuses_a_model_below_threshold_and_one_that_does_not_beat_the_cha
     assert str(client.get_model_version_by_alias(name, "champion").version) == first["version"]
 
 
+def test_the_champion_is_scored_again_only_when_no_evaluation_of_it_on_this_split_was_recorded(spark, trained, weak):
+    _, _, first = trained
+    name, uri = weak["registered_model"], f"models:/{weak['registered_model']}/{weak['version']}"
+    client = MlflowClient()
+    tags = client.get_model_version(name, first["version"]).tags
+    assert tags["test_accuracy_on"] == f"{first['dataset']}:test"  # recorded by the first evaluation
+    client.set_model_version_tag(name, first["version"], "test_accuracy", "0.987654")
+    try:
+        reused = run_evaluate(spark, cfg_of(trained, f"evaluate.model_uri={uri}", "evaluate.threshold=0.0"))
+        assert reused["champion_accuracy"] == pytest.approx(0.987654)  # the recorded figure, not a new scoring
+        client.set_model_version_tag(name, first["version"], "test_accuracy_on", "another/v0009:test")
+        scored = run_evaluate(spark, cfg_of(trained, f"evaluate.model_uri={uri}", "evaluate.threshold=0.0"))
+        assert scored["champion_accuracy"] == pytest.approx(float(tags["test_accuracy"]), abs=1e-6)
+    finally:
+        for key in ("test_accuracy", "test_accuracy_on"):
+            client.set_model_version_tag(name, first["version"], key, tags[key])
+
+
 def test_a_challenger_that_beats_the_champion_is_promoted(spark, trained, weak):
     _, _, first = trained
     name = weak["registered_model"]
