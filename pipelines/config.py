@@ -162,6 +162,9 @@ class TrainConfig:
     fp16_allreduce: bool = field(metadata=RESUMABLE)
     horovod_cycle_time_ms: Optional[float] = field(metadata=RESUMABLE)
     max_restarts: int = field(metadata=RESUMABLE)
+    elastic: bool = field(metadata=RESUMABLE)
+    elastic_min_workers: int = field(metadata=RESUMABLE)
+    elastic_commit_steps: int = field(metadata=RESUMABLE)
     timeout_s: int = field(metadata=RESUMABLE)
 
 
@@ -418,6 +421,9 @@ def _check_ranges(cfg: Config, origin: dict[str, str]) -> None:
         ("train.cache_mb", cfg.train.cache_mb >= 0, "at least 0 (0 = stream every epoch)"),
         ("train.reader_threads", cfg.train.reader_threads >= 0, "at least 0 (0 = the cores per worker)"),
         ("train.max_restarts", cfg.train.max_restarts >= 0, "at least 0 (0 = a lost worker fails the run)"),
+        ("train.elastic_min_workers", 1 <= cfg.train.elastic_min_workers <= cfg.train.num_proc,
+         "in 1..train.num_proc"),
+        ("train.elastic_commit_steps", cfg.train.elastic_commit_steps >= 1, "at least 1"),
         ("train.horovod_cycle_time_ms", cfg.train.horovod_cycle_time_ms is None or cfg.train.horovod_cycle_time_ms > 0,
          "greater than 0, or null"),
         ("train.learning_rate", cfg.train.learning_rate > 0, "positive"),

@@ -60,13 +60,28 @@ def local_cores(master: str) -> int:
     return (os.cpu_count() or 1) if m.group(1) == "*" else int(m.group(1))
 
 
+def local_task_failures(master: str) -> int:
+    """F for local[N,F]: how many times a task may fail (1 = never retried, a local master's default)."""
+    m = re.fullmatch(r"local\[(?:\d+|\*),(\d+)\]", master)
+    return int(m.group(1)) if m else 1
+
+
+def master_url(cfg: Config) -> str:
+    """spark.master, with task retries on a local master for elastic training: Horovod's elastic mode brings a lost
+    worker back by failing its Spark task so that Spark runs it again."""
+    master = cfg.spark.master
+    if cfg.train.elastic and local_cores(master) and local_task_failures(master) == 1 and master.startswith("local["):
+        return f"{master[:-1]},{cfg.train.max_restarts + 1}]"
+    return master
+
+
 def get_spark(cfg: Config) -> SparkSession:
     """The job's SparkSession: an active one (spark-submit, Databricks) gets our settings where it still can."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(cfg.spark.app_name)
     # Under spark-submit (which sets PYSPARK_GATEWAY_PORT) its --master decides; otherwise the config does.
     if cfg.spark.master != "databricks" and "PYSPARK_GATEWAY_PORT" not in os.environ:
-        builder = builder.master(cfg.spark.master)
+        builder = builder.master(master_url(cfg))
     for key, value in spark_conf(cfg).items():
         builder = builder.config(key, value)
     if not is_verbose():

@@ -43,6 +43,8 @@ def test_every_shipped_overlay_is_valid():
     (["train.cache_mb=-1"], "'train.cache_mb' must be at least 0"),
     (["train.timeout_s=0"], "'train.timeout_s' must be at least 1"),
     (["train.horovod_cycle_time_ms=0"], "'train.horovod_cycle_time_ms' must be greater than 0, or null"),
+    (["train.elastic_min_workers=3"], "'train.elastic_min_workers' must be in 1..train.num_proc"),
+    (["train.elastic_commit_steps=0"], "'train.elastic_commit_steps' must be at least 1"),
     (["ingest.image.channels=true"], "'ingest.image.channels' must be one of 1, 3"),
 ])
 def test_bad_values_name_the_key_and_the_source(overrides, message):

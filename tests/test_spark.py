@@ -112,3 +112,19 @@ def test_ctrl_c_during_a_spark_job_stops_quietly_and_promptly(tmp_path, to):
     assert proc.returncode == 130, err[-3000:]
     assert err.strip() == "stopped by SIGINT", err[-3000:]
     assert time.monotonic() - started < 20  # a workflow task's SIGTERM-to-SIGKILL grace
+
+
+@pytest.mark.parametrize("master,elastic,expected", [
+    ("local[2]", "true", "local[2,3]"),  # elastic: a lost worker's Spark task must be run again
+    ("local[2]", "false", "local[2]"),
+    ("local[2,5]", "true", "local[2,5]"),  # the user's own F stays
+    ("spark://127.0.0.1:7077", "true", "spark://127.0.0.1:7077"),
+])
+def test_elastic_training_gets_task_retries_on_a_local_master(master, elastic, expected):
+    from pipelines.config import load_config
+    from pipelines.spark import local_cores, local_task_failures, master_url
+
+    cfg = load_config([], [f"spark.master={master}", f"train.elastic={elastic}", "train.max_restarts=2"])
+    assert master_url(cfg) == expected
+    assert local_cores("local[2,3]") == 2 and local_task_failures("local[2,3]") == 3
+    assert local_task_failures("local[2]") == 1

@@ -19,7 +19,7 @@ from pipelines.environment import TASK_RUN_FILE_VAR
 from pipelines.errors import PipelineError
 from pipelines.storage import check_writable
 from pipelines.train import checkpoints as ck
-from pipelines.train.launch import check_task_slots
+from pipelines.train.launch import check_elastic_master, check_task_slots
 from pipelines.train.mlflow_logging import log_final, log_model, log_resume, log_start
 from pipelines.train.restarts import log_missing_epochs, run_workers_restarting
 from pipelines.train.spec import WorkerSpec, steps_per_epoch, training_data, worker_spec
@@ -37,6 +37,7 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
     manifest = ds.manifest()
     t = checked_backbone(cfg.train, manifest)
     check_task_slots(spark, t.num_proc)
+    check_elastic_master(spark, t)
     check_shardable(ds, manifest, t.num_proc)
     tracking.configure(cfg)
     resume = resume or earlier_attempts_run(cfg)

@@ -22,7 +22,7 @@ from pipelines.errors import PipelineError, first_line
 from pipelines.loopback import bind_horovod_to_loopback
 from pipelines.progress import ProgressLine, progress_text
 from pipelines.signals import SignalWatch, Stopped, signal_name
-from pipelines.spark import local_cores
+from pipelines.spark import local_cores, local_task_failures
 from pipelines.train import checkpoints as ck
 
 
@@ -149,9 +149,11 @@ def launch_failure(exc: BaseException, output: WorkerOutput, workers: int, start
     return PipelineError(f"training failed on a Horovod worker ({cause}); worker log: {output.path}")
 
 
-def epoch_line(m: dict[str, float], total_epochs: int) -> str:
-    """How one completed epoch reads on the terminal."""
+def epoch_line(m: dict[str, float], total_epochs: int, workers: int = 0) -> str:
+    """How one completed epoch reads on the terminal (with the ring's size when it is not the `workers` asked)."""
     val = f", val_loss {m['val_loss']:.4f}, val_acc {m['val_accuracy']:.4f}" if "val_loss" in m else ""
+    if workers and m.get("workers", workers) != workers:
+        val += f", {int(m['workers'])} of {workers} workers"
     return (f"epoch {m['epoch'] + 1}/{total_epochs}: loss {m['loss']:.4f}, acc {m['accuracy']:.4f}{val}, "
             f"lr {m['lr']:.2e}, {m['images_per_second']:.0f} img/s, "
             f"input wait {100 * m['input_wait_fraction']:.1f}%, {m['epoch_seconds']:.1f}s")
@@ -160,9 +162,9 @@ def epoch_line(m: dict[str, float], total_epochs: int) -> str:
 class EpochPrinter(threading.Thread):
     """Tails rank 0's progress file and prints one line per epoch while the workers train."""
 
-    def __init__(self, path: Path, total_epochs: int):
+    def __init__(self, path: Path, total_epochs: int, workers: int = 0):
         super().__init__(daemon=True)
-        self.path, self.total_epochs = path, total_epochs
+        self.path, self.total_epochs, self.workers = path, total_epochs, workers
         self.done = threading.Event()
         self._pos = path.stat().st_size if path.exists() else 0
         self.progress = ProgressLine("train")  # within a long epoch: steps done, rate, time left
@@ -183,7 +185,7 @@ class EpochPrinter(threading.Thread):
                     break
                 self._pos += len(line.encode())
                 self.progress.restart()
-                say("train", epoch_line(json.loads(line), self.total_epochs))
+                say("train", epoch_line(json.loads(line), self.total_epochs, self.workers))
         self.show_step()
 
     def show_step(self) -> None:
@@ -212,6 +214,15 @@ def check_task_slots(spark: SparkSession, workers: int) -> None:
                           f"or spark.master to local[{workers * per_task}]")
 
 
+def check_elastic_master(spark: SparkSession, t: TrainConfig) -> None:
+    """Elastic mode brings a lost worker back through a Spark task retry, which a local master without F never
+    makes: its first worker loss would fail the job."""
+    master = spark.sparkContext.master
+    if t.elastic and local_cores(master) and local_task_failures(master) == 1:
+        raise ConfigError(f"train.elastic on spark.master {master} needs Spark task retries: use "
+                          f"local[{local_cores(master)},{t.max_restarts + 1}] (local[N,F]: a task may fail F times)")
+
+
 def worker_process_env(t: TrainConfig, tracking_uri: str) -> dict[str, str]:
     """The environment of every Horovod worker process."""
     env = child_env(MLFLOW_TRACKING_URI=tracking_uri)
@@ -224,23 +235,18 @@ def run_workers(spark: SparkSession, worker_fn: Callable[[Any], dict], spec: Any
     """Run `worker_fn(spec)` on train.num_proc Horovod workers, one Spark task each, printing a line per epoch;
     their results by rank. A failing worker is reported by its own error; SIGTERM/SIGINT stop the workers and
     raise Stopped, saying how far the run got."""
-    import horovod.spark
-
     if local_cores(spark.sparkContext.master):
         bind_horovod_to_loopback()  # Horovod: its driver and rendezvous services, here on the loopback address only
     ckpt_dir = Path(spec.checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     out = WorkerOutput(ckpt_dir / ck.WORKER_LOG)
-    printer = EpochPrinter(ckpt_dir / ck.PROGRESS_FILE, t.epochs)
+    printer = EpochPrinter(ckpt_dir / ck.PROGRESS_FILE, t.epochs, t.num_proc)
     spark.sparkContext.setJobDescription("sparkvision train (horovod)")
     printer.start()
     try:
-        with spark_thread_errors_to(out), SignalWatch() as signals:
+        with spark_thread_errors_to(out), quiet_elastic_task_retries(spark, t.elastic), SignalWatch() as signals:
             try:
-                results = horovod.spark.run(worker_fn, args=(spec,), num_proc=t.num_proc,
-                                            env=worker_process_env(t, spec.tracking_uri), stdout=out, stderr=out,
-                                            verbose=2 if is_verbose() else 0, start_timeout=t.timeout_s,
-                                            use_gloo=True)
+                results = horovod_run(worker_fn, spec, t, out)
             except Exception as exc:
                 if not signals.received():
                     out.flush()
@@ -251,6 +257,38 @@ def run_workers(spark: SparkSession, worker_fn: Callable[[Any], dict], spec: Any
     finally:
         printer.stop()
         out.flush()
+
+
+@contextmanager
+def quiet_elastic_task_retries(spark: SparkSession, elastic: bool) -> Iterator[None]:
+    """Elastic mode brings a lost worker back by failing its Spark task on purpose ("Command failed, making Spark task
+    fail to restart the task"), which a local master's executor logs as an ERROR with a stack trace on the terminal.
+    Quiet runs keep the executor's log to FATAL while the workers train; the worker log and --verbose still show
+    it, and a run that fails still says why."""
+    if not elastic or is_verbose() or not local_cores(spark.sparkContext.master):
+        yield
+        return
+    jvm = spark.sparkContext._jvm
+    configurator, level = jvm.org.apache.logging.log4j.core.config.Configurator, jvm.org.apache.logging.log4j.Level
+    name = "org.apache.spark.executor.Executor"
+    configurator.setLevel(name, level.FATAL)
+    try:
+        yield
+    finally:
+        configurator.setLevel(name, level.ERROR)
+
+
+def horovod_run(worker_fn: Callable[[Any], dict], spec: Any, t: TrainConfig, out: WorkerOutput) -> list[dict]:
+    """horovod.spark.run, or with train.elastic its elastic mode (Gloo): between elastic_min_workers and num_proc
+    workers, each ring waiting up to timeout_s for its workers."""
+    import horovod.spark
+
+    common = dict(args=(spec,), num_proc=t.num_proc, env=worker_process_env(t, spec.tracking_uri), stdout=out,
+                  stderr=out, verbose=2 if is_verbose() else 0, start_timeout=t.timeout_s)
+    if t.elastic:
+        return horovod.spark.run_elastic(worker_fn, min_num_proc=t.elastic_min_workers, max_num_proc=t.num_proc,
+                                         elastic_timeout=t.timeout_s, **common)
+    return horovod.spark.run(worker_fn, use_gloo=True, **common)
 
 
 def stopped(signum: int, ckpt_dir: Path, run_id: str) -> Stopped:

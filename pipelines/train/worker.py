@@ -20,10 +20,6 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
-    from pipelines.models import BACKBONES, BackbonePhases
-    from pipelines.train.data import ValidationFeed, split_dataset
-    from pipelines.train.schedule import BestEpoch
-
     t, data, ckpt_dir = spec.train, spec.data, Path(spec.checkpoint_dir)
     hvd.init()  # Horovod: join the other workers (Gloo rendezvous through the Spark driver)
     say_where(hvd.rank(), hvd.size())
@@ -37,10 +33,38 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     ckpt = tf.train.Checkpoint(model=model, optimizer=opt)
     if spec.resume.checkpoint:
         ckpt.read(str(ckpt_dir / spec.resume.checkpoint)).expect_partial()  # every worker restores the same files
-    # Horovod: start every worker from rank 0's weights and optimizer state.
-    hvd_tf.broadcast_variables(model.variables, root_rank=0)
-    hvd_tf.broadcast_variables(opt.variables, root_rank=0)
+    if t.elastic:  # Horovod: elastic mode, the ring re-formed around a lost or returning worker (elastic.py)
+        from pipelines.train.elastic import train_elastic
 
+        history, best, steps_run = train_elastic(spec, model, opt, ckpt, devices, hvd)
+    else:
+        # Horovod: start every worker from rank 0's weights and optimizer state.
+        hvd_tf.broadcast_variables(model.variables, root_rank=0)
+        hvd_tf.broadcast_variables(opt.variables, root_rank=0)
+        history, best, steps_run = train_fixed(spec, model, opt, ckpt, devices, hvd)
+
+    epochs_run = len(history) - len(spec.resume.history)
+    result = {"rank": hvd.rank(), "size": hvd.size(), "steps": steps_run, "epochs_run": epochs_run,
+              "weights_digest": weights_digest(model), "precision": devices.policy,
+              "cores": process_cores()}  # after training, so the threads TF and petastorm started count too
+    if hvd.rank() == 0:  # Horovod: one copy of the final model, from rank 0
+        result.update(export_model(spec, model, history, best, devices.policy))
+    # Horovod: nobody leaves before everybody is done (rank 0 may still be saving). A scalar allreduce on the CPU, not
+    # hvd.join(): a Horovod built with NCCL registers HorovodJoin for GPUs only, so join fails on CPU workers there.
+    with tf.device("/cpu:0"):
+        hvd_tf.allreduce(tf.zeros([]), name="sparkvision_done")
+    monitor.finish()
+    return result
+
+
+def train_fixed(spec: WorkerSpec, model, opt, ckpt, devices, hvd) -> tuple[list[dict], Any, int]:
+    """The epochs left, on a fixed set of workers (a lost worker ends the launch; the driver may relaunch it):
+    the run's history, its best epoch and the optimizer steps each worker ran."""
+    from pipelines.models import BACKBONES, BackbonePhases
+    from pipelines.train.data import ValidationFeed, split_dataset
+    from pipelines.train.schedule import BestEpoch
+
+    t, data, ckpt_dir = spec.train, spec.data, Path(spec.checkpoint_dir)
     steps = steps_per_epoch(data.train_rows, t.batch_size, hvd.size())
     phases = BackbonePhases(t.freeze_backbone_epochs, t.unfreeze_layers) if t.model in BACKBONES else None
     lr, best = learning_rate(t, steps, hvd.size(), phases is not None), BestEpoch()
@@ -67,19 +91,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
             # identical on every worker (allreduced val_loss), so all stop together
             if t.early_stopping_patience and best.stale >= t.early_stopping_patience:
                 break
-
-    epochs_run = len(history) - len(spec.resume.history)
-    result = {"rank": hvd.rank(), "size": hvd.size(), "steps": steps * epochs_run, "epochs_run": epochs_run,
-              "weights_digest": weights_digest(model), "precision": devices.policy,
-              "cores": process_cores()}  # after training, so the threads TF and petastorm started count too
-    if hvd.rank() == 0:  # Horovod: one copy of the final model, from rank 0
-        result.update(export_model(spec, model, history, best, devices.policy))
-    # Horovod: nobody leaves before everybody is done (rank 0 may still be saving). A scalar allreduce on the CPU, not
-    # hvd.join(): a Horovod built with NCCL registers HorovodJoin for GPUs only, so join fails on CPU workers there.
-    with tf.device("/cpu:0"):
-        hvd_tf.allreduce(tf.zeros([]), name="sparkvision_done")
-    monitor.finish()
-    return result
+    return history, best, steps * (len(history) - len(spec.resume.history))
 
 
 def say_where(rank: int, size: int) -> None:
@@ -196,14 +208,16 @@ def step_reporter(ckpt_dir: Path, every_seconds: float = 2.0):
     return report
 
 
-def train_epoch(train_step, batches, opt, lr, epoch: int, steps: int, t, hvd, report=None) -> dict[str, float]:
-    """`steps` optimizer steps on every worker; the epoch's metrics, averaged over all workers."""
+def train_epoch(train_step, batches, opt, lr, epoch: int, steps: int, t, hvd, report=None, first_step: int = 0,
+                after_step=None) -> dict[str, float]:
+    """Steps `first_step`..`steps` of the epoch on every worker (`after_step(step)` after each); the epoch's metrics
+    over those steps, averaged over all workers."""
     import tensorflow as tf
 
     started, waited = time.perf_counter(), 0.0
     loss_sum, correct_sum = tf.constant(0.0), tf.constant(0.0)
-    for step in range(steps):
-        if epoch < t.warmup_epochs or t.schedule == "cosine" or step == 0:
+    for step in range(first_step, steps):
+        if epoch < t.warmup_epochs or t.schedule == "cosine" or step == first_step:
             opt.learning_rate.assign(lr.at(epoch, step))
         t0 = time.perf_counter()
         x, y, w = next(batches)
@@ -213,13 +227,15 @@ def train_epoch(train_step, batches, opt, lr, epoch: int, steps: int, t, hvd, re
         correct_sum += correct
         if report:
             report(epoch, step + 1, steps, time.perf_counter() - started)
-    seconds = time.perf_counter() - started
+        if after_step:
+            after_step(step)
+    seconds, run = time.perf_counter() - started, steps - first_step
     # Horovod: average the epoch's metrics over all workers (MetricAverageCallback fails under tf-keras).
     loss_avg, acc_avg, wait_avg = [float(v) for v in hvd.allreduce(
-        tf.stack([loss_sum / steps, correct_sum / (steps * t.batch_size), waited / seconds]), op=hvd.Average)]
+        tf.stack([loss_sum / run, correct_sum / (run * t.batch_size), waited / seconds]), op=hvd.Average)]
     return {"epoch": epoch, "loss": loss_avg, "accuracy": acc_avg, "lr": float(lr.at(epoch, steps - 1)),
-            "epoch_seconds": seconds, "images_per_second": steps * t.batch_size * hvd.size() / seconds,
-            "input_wait_fraction": wait_avg}
+            "epoch_seconds": seconds, "images_per_second": run * t.batch_size * hvd.size() / seconds,
+            "input_wait_fraction": wait_avg, "workers": hvd.size()}
 
 
 def settle_batchnorm(model, batches, recalibrate: bool, hvd) -> None:

@@ -1,6 +1,8 @@
 """The driver's side of a launch: which worker's error is reported, and the epoch lines printed while they train."""
 import json
 
+import pytest
+
 from pipelines.environment import VERBOSE_VAR
 from pipelines.train.launch import (EpochPrinter, WorkerLost, WorkerOutput, epoch_line, launch_failure,
                                     worker_exception, worker_process_env)
@@ -75,3 +77,27 @@ def test_workers_get_the_required_environment_and_the_drivers_verbosity(cfg_fact
     assert env["TF_USE_LEGACY_KERAS"] == "1" and env[VERBOSE_VAR] == "0" and env["TF_CPP_MIN_LOG_LEVEL"] == "3"
     assert env["MLFLOW_TRACKING_URI"] == "sqlite:///m.db" and env["HOROVOD_CYCLE_TIME"] == "2.5"
     assert "HOROVOD_CYCLE_TIME" not in worker_process_env(cfg_factory().train, "x")
+
+
+def test_an_epoch_line_names_the_ring_size_only_when_elastic_mode_lost_a_worker():
+    assert "workers" not in epoch_line({**METRICS, "workers": 2}, 8, 2)
+    assert epoch_line({**METRICS, "workers": 1}, 8, 2).endswith(", lr 2.00e-03, 2100 img/s, input wait 1.2%, 25.0s") \
+        and ", acc 0.8000, 1 of 2 workers, lr " in epoch_line({**METRICS, "workers": 1}, 8, 2)
+
+
+def test_elastic_training_on_a_local_master_without_task_retries_is_a_config_error(cfg_factory):
+    from types import SimpleNamespace
+
+    from pipelines.config import ConfigError
+    from pipelines.train.launch import check_elastic_master
+
+    def session(master):
+        return SimpleNamespace(sparkContext=SimpleNamespace(master=master))
+
+    elastic = cfg_factory("train.elastic=true").train
+    with pytest.raises(ConfigError, match=r"train.elastic on spark.master local\[2\] needs Spark task retries: "
+                                          r"use local\[2,3\]"):
+        check_elastic_master(session("local[2]"), elastic)
+    check_elastic_master(session("local[2,3]"), elastic)
+    check_elastic_master(session("spark://127.0.0.1:7077"), elastic)  # spark.task.maxFailures: 4 by default
+    check_elastic_master(session("local[2]"), cfg_factory().train)  # not elastic: no retries needed

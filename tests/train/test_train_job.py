@@ -357,14 +357,14 @@ def test_a_busy_cluster_that_never_frees_the_slots_is_named_as_such(spark, small
     assert runs.iloc[0]["status"] == "FAILED"
 
 
-def train_in_a_subprocess(small, epochs: int):
+def train_in_a_subprocess(small, epochs: int, *extra: str):
     """`sparkvision train` in its own process group, as a user starts it; returns once epoch 1 is printed."""
     import subprocess
 
     root, overrides, _ = small
     paths = [f"paths.datasets_root={root}/datasets", f"paths.checkpoints_root={root}/checkpoints",
              f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db", f"mlflow.artifact_location={root}/mlartifacts",
-             "train.model=mnist_cnn", *overrides, f"train.epochs={epochs}"]
+             "train.model=mnist_cnn", *overrides, f"train.epochs={epochs}", *extra]
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", *(x for o in paths for x in ("--set", o))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines = []
@@ -403,6 +403,54 @@ def test_sigterm_stops_the_workers_and_ends_the_run_killed_ready_to_resume(small
                                   text=True).stdout.strip()) and time.monotonic() < deadline:
         time.sleep(1)
     assert left == ""  # no Horovod worker, Spark JVM or executor left behind
+
+
+def pid_of_rank(ancestor: int, rank: int, timeout: float = 60) -> int:
+    """The pid of the Horovod worker process with HOROVOD_RANK=`rank` among `ancestor`'s descendants."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(ancestor).children(recursive=True):
+            try:
+                if "gloo_exec_fn" in " ".join(child.cmdline()) and child.environ().get("HOROVOD_RANK") == str(rank):
+                    return child.pid
+            except psutil.Error:
+                continue  # it ended while being looked at
+        time.sleep(0.2)
+    raise AssertionError(f"no Horovod rank {rank} under pid {ancestor}")
+
+
+@pytest.mark.fault('a training worker SIGKILLed mid-epoch in elastic mode (train.elastic)', kind='fault',
+                   shows='no relaunch: the survivor rolls back to its last commit and goes on alone, the run ends '
+                         'FINISHED with each epoch logged once')
+def test_in_elastic_mode_a_killed_worker_is_survived_without_a_restart(small, observe):
+    import signal
+
+    root, _, _ = small
+    # batches of 8: epochs of 84 steps, long enough to kill a worker inside one
+    proc, lines = train_in_a_subprocess(small, 4, "train.elastic=true", "train.elastic_commit_steps=10",
+                                        "train.batch_size=8")
+    run_id = lines[0].split("run ", 1)[1].split(":", 1)[0]
+    log = root / "checkpoints" / run_id / "workers.log"
+    os.kill(pid_of_rank(proc.pid, 1), signal.SIGKILL)  # as the OOM killer would, in epoch 2
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, "".join(lines) + err
+    assert "restart" not in err and "Traceback" not in err and "ERROR" not in err, err  # survived, not relaunched
+    # the ring went on with the survivor from its last commit (and the worker Spark ran again may have rejoined)
+    rings = re.findall(r"sparkvision elastic: (\d+) worker\(s\) from epoch (\d+), step (\d+)", log.read_text())
+    assert any(workers == "1" and epoch in "234" for workers, epoch, _ in rings), rings
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "restart_1" not in run.data.tags
+    assert run.data.params["train.elastic"] == "True"
+    for key in ("loss", "val_accuracy"):  # every epoch logged once: none lost, none twice
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 1, 2, 3]
+    assert float(run.data.metrics["final_val_accuracy"]) > 0.3
+    result = json.loads(out.strip().splitlines()[-1])  # the job's JSON last line
+    observe(**{"run": run.info.status, "restarts": 0, "rings (workers, from epoch, step)":
+               [tuple(int(x) for x in r) for r in rings], "epochs logged": [0, 1, 2, 3],
+               "val_accuracy": round(float(run.data.metrics["final_val_accuracy"]), 4), "seconds": result["seconds"]})
 
 
 @pytest.mark.fault('--resume of an unknown or non-training run', kind='bad_input', shows='one error naming the run')

@@ -3,6 +3,7 @@ whole workflow through spark-submit, then the registered model and predictions a
 down, also when something fails."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -52,13 +53,40 @@ def kill_an_executor_mid_ingest(runs: Path, killed: dict) -> None:
         time.sleep(0.05)
 
 
+def kill_a_training_worker_mid_run(runs: Path, killed: dict) -> None:
+    """SIGKILL Horovod rank 1 once the workflow's train task has printed its first epoch (elastic mode goes on)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        logs = list(runs.glob("workflows/*/*/train.attempt1.log"))
+        if logs and "[train] epoch 1/" in logs[0].read_text(errors="replace"):
+            break
+        time.sleep(0.1)
+    while time.monotonic() < deadline:
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if "gloo_exec_fn" in " ".join(p.info["cmdline"] or []) and p.environ().get("HOROVOD_RANK") == "1":
+                    p.kill()
+                    killed.update(pid=p.info["pid"], at=datetime.now(timezone.utc))
+                    return
+            except psutil.Error:
+                continue
+        time.sleep(0.05)
+
+
 @pytest.mark.fault('a Spark executor JVM SIGKILLed during ingest on the standalone cluster', kind='fault',
                    shows='Spark retries the tasks; the published version has the digest of an undisturbed run')
+@pytest.mark.fault('a training worker SIGKILLed mid-run in elastic mode on the standalone cluster', kind='fault',
+                   shows='the job never restarts: one train attempt, no restart tag, every epoch logged once, '
+                         'FINISHED and promoted')
 @pytest.mark.fault('what `sparkvision cluster up` listens on, with cluster.mlflow_auth', kind='security',
                    shows='master, workers and tracking server on 127.0.0.1 (cluster.host); a request without '
                          'credentials is refused (401); the whole workflow runs logged in')
 def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path, monkeypatch, spark, observe):
-    killed: dict = {}
+    killed, killed_worker = {}, {}
     # the tracking server requires a login; every job and worker sends these (MLflow reads them from the environment)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "sparkvision-admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-a-real-secret-42")
@@ -73,8 +101,9 @@ def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path, 
         f"paths.datasets_root={tmp_path}/shared/datasets", f"paths.checkpoints_root={tmp_path}/shared/checkpoints",
         f"paths.runs_root={tmp_path}/runs", f"paths.predictions_root={tmp_path}/shared/predictions",
         f"ingest.source.path={src}", "ingest.row_group_rows=150", "ingest.files_per_split=2",
-        "train.model=mnist_cnn", "train.epochs=3", "train.batch_size=32", "train.warmup_epochs=0", "train.width=0.5",
-        "evaluate.threshold=0.3",
+        # elastic training, in batches of 8: epochs long enough to lose a worker inside one
+        "train.model=mnist_cnn", "train.epochs=3", "train.batch_size=8", "train.warmup_epochs=0", "train.width=0.5",
+        "train.elastic=true", "train.elastic_commit_steps=10", "evaluate.threshold=0.3",
     ]
     cfg = make_config(tmp_path, *overrides)
     info = cluster_up(cfg)
@@ -92,6 +121,9 @@ def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path, 
                "--conf", str(ROOT / "conf/cluster.yaml"), *[x for o in overrides for x in ("--set", o)]]
         killer = threading.Thread(target=kill_an_executor_mid_ingest, args=(tmp_path / "runs", killed), daemon=True)
         killer.start()
+        worker_killer = threading.Thread(target=kill_a_training_worker_mid_run, args=(tmp_path / "runs", killed_worker),
+                                         daemon=True)
+        worker_killer.start()
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1500,
                              env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
         assert res.returncode == 0, res.stderr[-3000:]
@@ -109,7 +141,12 @@ def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path, 
         assert run_ingest(spark, local)["content_digest"] == values["ingest"]["content_digest"]
         observe(**{"executor SIGKILLed during ingest": f"pid {killed['pid']}", "ingest": "SUCCESS, digest equal to "
                    "an undisturbed run's", "workflow": run["status"]})
-        assert values["train"]["workers"] == 2
+        # a training worker killed mid-run: elastic mode went on without a relaunch or a retry of the task
+        assert killed_worker.get("pid"), "no training worker was killed"
+        assert len(record["tasks"]["train"]["attempts"]) == 1
+        assert values["train"]["workers"] in (1, 2)  # 2 when the worker Spark ran again rejoined before the end
+        observe(**{"training worker SIGKILLed": f"rank 1, pid {killed_worker['pid']}", "train attempts": 1,
+                   "workers at the end": values["train"]["workers"]})
         assert values["evaluate"]["decision"] == "champion"
 
         from mlflow import MlflowClient
@@ -120,7 +157,12 @@ def test_whole_workflow_on_a_standalone_cluster_with_an_mlflow_server(tmp_path, 
         assert str(champion.version) == values["train"]["version"]
         train_run = client.get_run(values["train"]["run_id"])
         assert train_run.data.tags["spark_master"] == f"spark://127.0.0.1:{ports['master']}"
-        assert len(client.get_metric_history(values["train"]["run_id"], "val_accuracy")) == 3
+        assert sorted(m.step for m in client.get_metric_history(values["train"]["run_id"], "val_accuracy")) == [0, 1, 2]
+        assert train_run.info.status == "FINISHED" and not any(k.startswith("restart_") for k in train_run.data.tags)
+        rings = re.findall(r"sparkvision elastic: (\d+) worker\(s\) from epoch (\d+), step (\d+)",
+                           (tmp_path / "shared/checkpoints" / values["train"]["run_id"] / "workers.log").read_text())
+        assert len(rings) >= 2, rings  # the first ring, and at least one formed again after the loss
+        observe(**{"rings (workers, from epoch, step)": [tuple(int(x) for x in r) for r in rings]})
         preds = pq.read_table(values["infer"]["output"]).to_pandas()
         assert len(preds) == values["infer"]["rows_scored"] == values["evaluate"]["rows"]
         assert set(preds["model_version"]) == {values["train"]["version"]}
