@@ -155,10 +155,11 @@ def read_input(spark: SparkSession, cfg: Config, model) -> tuple[DataFrame, Data
     df = df.select(*dict.fromkeys(keys + [image_column]))
     if ic.input_type == "dataset":  # a published version's images were checked against its shape at ingest
         ds, split = dataset_input(cfg)
-        if tuple(ds.manifest().shape) != tuple(model.shape):
+        manifest = ds.manifest()
+        if tuple(manifest.shape) != tuple(model.shape):
             raise PipelineError(f"model {model.uri} expects images {'x'.join(map(str, model.shape))}, dataset "
-                                f"{ds.ref} has {'x'.join(map(str, ds.manifest().shape))}")
-        return df, quarantine, ds.manifest().count(split)
+                                f"{ds.ref} has {'x'.join(map(str, manifest.shape))}")
+        return df, quarantine, manifest.count(split)
     if ic.input_type != "files":
         return df, quarantine, check_image_lengths(df, image_column, model.shape)
     df = df.persist()

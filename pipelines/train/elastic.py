@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.train import checkpoints as ck
-from pipelines.train.losses import per_example_loss
-from pipelines.train.spec import WorkerSpec, steps_per_epoch
-from pipelines.train.worker import (compiled_steps, feed_options, learning_rate, record_epoch, replay,
-                                    settle_batchnorm, step_reporter, train_epoch, validate)
+from pipelines.train.spec import WorkerSpec
+from pipelines.train.worker import Ring, record_epoch, step_reporter, train_epoch
 
 
 def train_elastic(spec: WorkerSpec, model, opt, ckpt, devices, hvd) -> tuple[list[dict], Any, int]:
@@ -31,40 +29,26 @@ def train_elastic(spec: WorkerSpec, model, opt, ckpt, devices, hvd) -> tuple[lis
 def epochs_from(state, spec: WorkerSpec, model, opt, ckpt, devices, hvd) -> tuple[list[dict], Any, int]:
     """Train from the state's epoch and place in it with the current ring: its size sets the steps per epoch, the
     learning rate and each worker's shard."""
-    from pipelines.models import BACKBONES, BackbonePhases
-    from pipelines.train.data import ValidationFeed, split_dataset
-    from pipelines.train.schedule import BestEpoch
+    from pipelines.train.data import split_dataset
 
-    t, data, size = spec.train, spec.data, hvd.size()
-    steps = steps_per_epoch(data.train_rows, t.batch_size, size)
-    phases = BackbonePhases(t.freeze_backbone_epochs, t.unfreeze_layers) if t.model in BACKBONES else None
-    lr, best = learning_rate(t, steps, size, phases is not None), BestEpoch()  # Horovod: the rate of this size
-    replay(state.history, lr, best)
-    train_step, eval_step = compiled_steps(model, opt, per_example_loss(t, data.num_classes))
-    feed = feed_options(spec, hvd, devices.own_cores)  # Horovod: shard `rank` of the current `size`
-    validation = ValidationFeed(data.validation_url, feed) if data.validation_url else None
-    per_step = t.batch_size * size
-    announce(state, size, hvd.rank(), per_step)
-    with split_dataset(data.train_url, feed, endless=True) as train_ds:
+    t = spec.train
+    ring = Ring(spec, model, opt, devices, hvd, state.history)
+    per_step = t.batch_size * hvd.size()
+    announce(state, hvd.size(), hvd.rank(), per_step)
+    with split_dataset(spec.data.train_url, ring.feed, endless=True) as train_ds:
         batches = iter(train_ds)
         while state.epoch < t.epochs:
             epoch = state.epoch
-            if phases and phases.enter(epoch):
-                train_step, eval_step = compiled_steps(model, opt, per_example_loss(t, data.num_classes),
-                                                       phases.variables(model))
-            first = min(state.images // per_step, steps - 1)  # where the last commit left this epoch
-            metrics = train_epoch(train_step, batches, opt, lr, epoch, steps, t, hvd,
+            ring.enter(epoch)
+            first = min(state.images // per_step, ring.steps - 1)  # where the last commit left this epoch
+            metrics = train_epoch(ring.train_step, batches, opt, ring.lr, epoch, ring.steps, t, hvd,
                                   step_reporter(Path(spec.checkpoint_dir)) if hvd.rank() == 0 else None,
-                                  first_step=first, after_step=committer(state, steps, per_step, t))
-            settle_batchnorm(model, batches, phases is not None and not t.pretrained_weights, hvd)
-            if validation is not None:
-                metrics.update(validate(eval_step, validation, data.validation_rows, epoch, hvd))
-                lr.observe(metrics["val_loss"])
-            improved = "val_loss" in metrics and best.observe(epoch, metrics["val_loss"])
-            end_epoch(state, spec, ckpt, model, metrics, best, improved, devices.policy, hvd.rank())
-            if t.early_stopping_patience and best.stale >= t.early_stopping_patience:
+                                  first_step=first, after_step=committer(state, ring.steps, per_step, t))
+            improved = ring.finish_epoch(metrics, batches, epoch)
+            end_epoch(state, spec, ckpt, model, metrics, ring.best, improved, devices.policy, hvd.rank())
+            if ring.should_stop():
                 break
-    return state.history, best, state.steps_run
+    return state.history, ring.best, state.steps_run
 
 
 def committer(state, steps: int, per_step: int, t):

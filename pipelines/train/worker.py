@@ -60,38 +60,66 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
 def train_fixed(spec: WorkerSpec, model, opt, ckpt, devices, hvd) -> tuple[list[dict], Any, int]:
     """The epochs left, on a fixed set of workers (a lost worker ends the launch; the driver may relaunch it):
     the run's history, its best epoch and the optimizer steps each worker ran."""
-    from pipelines.models import BACKBONES, BackbonePhases
-    from pipelines.train.data import ValidationFeed, split_dataset
-    from pipelines.train.schedule import BestEpoch
+    from pipelines.train.data import split_dataset
 
-    t, data, ckpt_dir = spec.train, spec.data, Path(spec.checkpoint_dir)
-    steps = steps_per_epoch(data.train_rows, t.batch_size, hvd.size())
-    phases = BackbonePhases(t.freeze_backbone_epochs, t.unfreeze_layers) if t.model in BACKBONES else None
-    lr, best = learning_rate(t, steps, hvd.size(), phases is not None), BestEpoch()
-    history = replay(spec.resume.history, lr, best)
-    train_step, eval_step = compiled_steps(model, opt, per_example_loss(t, data.num_classes))
-    feed = feed_options(spec, hvd, devices.own_cores)  # Horovod: each worker reads shard `rank` of `size`
-    validation = ValidationFeed(data.validation_url, feed) if data.validation_url else None
-    with split_dataset(data.train_url, feed, endless=True) as train_ds:
+    t, ckpt_dir = spec.train, Path(spec.checkpoint_dir)
+    ring = Ring(spec, model, opt, devices, hvd, spec.resume.history)
+    history = list(spec.resume.history)
+    with split_dataset(spec.data.train_url, ring.feed, endless=True) as train_ds:
         batches = iter(train_ds)
         for epoch in range(spec.resume.epoch, t.epochs):
-            if phases and phases.enter(epoch):  # the same epoch on every worker: the same variables allreduced
-                train_step, eval_step = compiled_steps(model, opt, per_example_loss(t, data.num_classes),
-                                                       phases.variables(model))
-            metrics = train_epoch(train_step, batches, opt, lr, epoch, steps, t, hvd,
+            ring.enter(epoch)
+            metrics = train_epoch(ring.train_step, batches, opt, ring.lr, epoch, ring.steps, t, hvd,
                                   step_reporter(ckpt_dir) if hvd.rank() == 0 else None)
-            settle_batchnorm(model, batches, phases is not None and not t.pretrained_weights, hvd)
-            if validation is not None:
-                metrics.update(validate(eval_step, validation, data.validation_rows, epoch, hvd))
-                lr.observe(metrics["val_loss"])
+            improved = ring.finish_epoch(metrics, batches, epoch)
             history.append(metrics)
-            improved = "val_loss" in metrics and best.observe(epoch, metrics["val_loss"])
             if hvd.rank() == 0:  # Horovod: only rank 0 writes checkpoints and logs
-                record_epoch(spec, ckpt, model, history, best, improved, devices.policy)
-            # identical on every worker (allreduced val_loss), so all stop together
-            if t.early_stopping_patience and best.stale >= t.early_stopping_patience:
+                record_epoch(spec, ckpt, model, history, ring.best, improved, devices.policy)
+            if ring.should_stop():
                 break
-    return history, best, steps * (len(history) - len(spec.resume.history))
+    return history, ring.best, ring.steps * (len(history) - len(spec.resume.history))
+
+
+class Ring:
+    """What the current set of workers trains with, all set by its size: steps per epoch, learning rate and best
+    epoch (replayed from `history`), the backbone's phases, the compiled steps and this worker's feed."""
+
+    def __init__(self, spec: WorkerSpec, model, opt, devices, hvd, history: list[dict]):
+        from pipelines.models import BACKBONES, BackbonePhases
+        from pipelines.train.data import ValidationFeed
+        from pipelines.train.schedule import BestEpoch
+
+        t, data = spec.train, spec.data
+        self.spec, self.model, self.opt, self.hvd = spec, model, opt, hvd
+        self.steps = steps_per_epoch(data.train_rows, t.batch_size, hvd.size())
+        self.phases = BackbonePhases(t.freeze_backbone_epochs, t.unfreeze_layers) if t.model in BACKBONES else None
+        # Horovod: the rate scaled to this ring's size
+        self.lr, self.best = learning_rate(t, self.steps, hvd.size(), self.phases is not None), BestEpoch()
+        replay(history, self.lr, self.best)
+        self.train_step, self.eval_step = compiled_steps(model, opt, per_example_loss(t, data.num_classes))
+        self.feed = feed_options(spec, hvd, devices.own_cores)  # Horovod: each worker reads shard `rank` of `size`
+        self.validation = ValidationFeed(data.validation_url, self.feed) if data.validation_url else None
+
+    def enter(self, epoch: int) -> None:
+        """A backbone's phase for `epoch`: the same on every worker, so the same variables are allreduced."""
+        if self.phases and self.phases.enter(epoch):
+            loss = per_example_loss(self.spec.train, self.spec.data.num_classes)
+            self.train_step, self.eval_step = compiled_steps(self.model, self.opt, loss,
+                                                             self.phases.variables(self.model))
+
+    def finish_epoch(self, metrics: dict, batches, epoch: int) -> bool:
+        """BatchNorm settled, validation added to `metrics`, the schedule and best epoch told; whether it improved."""
+        t, data = self.spec.train, self.spec.data
+        settle_batchnorm(self.model, batches, self.phases is not None and not t.pretrained_weights, self.hvd)
+        if self.validation is not None:
+            metrics.update(validate(self.eval_step, self.validation, data.validation_rows, epoch, self.hvd))
+            self.lr.observe(metrics["val_loss"])
+        return "val_loss" in metrics and self.best.observe(epoch, metrics["val_loss"])
+
+    def should_stop(self) -> bool:
+        """Early stopping: identical on every worker (allreduced val_loss), so all stop together."""
+        patience = self.spec.train.early_stopping_patience
+        return bool(patience and self.best.stale >= patience)
 
 
 def say_where(rank: int, size: int) -> None:

@@ -32,49 +32,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kill_an_executor_mid_ingest(runs: Path, killed: dict) -> None:
-    """SIGKILL the first executor JVM once the workflow's ingest has listed its source (it is decoding now)."""
-    import time
-
-    import psutil
-
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        logs = list(runs.glob("workflows/*/*/ingest.attempt1.log"))
-        if logs and "[ingest] listing" in logs[0].read_text(errors="replace"):
-            break
-        time.sleep(0.1)
-    while time.monotonic() < deadline:
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            if "CoarseGrainedExecutorBackend" in " ".join(p.info["cmdline"] or []):
-                p.kill()
-                killed.update(pid=p.info["pid"], at=datetime.now(timezone.utc))
-                return
-        time.sleep(0.05)
-
-
-def kill_a_training_worker_mid_run(runs: Path, killed: dict) -> None:
-    """SIGKILL Horovod rank 1 once the workflow's train task has printed its first epoch (elastic mode goes on)."""
+def kill_once_logged(log_glob: str, line: str, runs: Path, is_target, killed: dict) -> None:
+    """SIGKILL the first process `is_target(process)` accepts once the workflow task log matching `log_glob` under
+    `runs` holds `line`; its pid and time go into `killed`."""
     import time
 
     import psutil
 
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
-        logs = list(runs.glob("workflows/*/*/train.attempt1.log"))
-        if logs and "[train] epoch 1/" in logs[0].read_text(errors="replace"):
+        logs = list(runs.glob(log_glob))
+        if logs and line in logs[0].read_text(errors="replace"):
             break
         time.sleep(0.1)
     while time.monotonic() < deadline:
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
-                if "gloo_exec_fn" in " ".join(p.info["cmdline"] or []) and p.environ().get("HOROVOD_RANK") == "1":
+                if is_target(p):
                     p.kill()
                     killed.update(pid=p.info["pid"], at=datetime.now(timezone.utc))
                     return
             except psutil.Error:
-                continue
+                continue  # it ended while being looked at
         time.sleep(0.05)
+
+
+def kill_an_executor_mid_ingest(runs: Path, killed: dict) -> None:
+    """SIGKILL the first executor JVM once the workflow's ingest has listed its source (it is decoding now)."""
+    kill_once_logged("workflows/*/*/ingest.attempt1.log", "[ingest] listing", runs,
+                     lambda p: "CoarseGrainedExecutorBackend" in " ".join(p.info["cmdline"] or []), killed)
+
+
+def kill_a_training_worker_mid_run(runs: Path, killed: dict) -> None:
+    """SIGKILL Horovod rank 1 once the workflow's train task has printed its first epoch (elastic mode goes on)."""
+    kill_once_logged("workflows/*/*/train.attempt1.log", "[train] epoch 1/", runs,
+                     lambda p: "gloo_exec_fn" in " ".join(p.info["cmdline"] or [])
+                     and p.environ().get("HOROVOD_RANK") == "1", killed)
 
 
 @pytest.mark.fault('a Spark executor JVM SIGKILLed during ingest on the standalone cluster', kind='fault',
