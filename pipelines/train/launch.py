@@ -67,6 +67,7 @@ def spark_thread_errors_to(out: WorkerOutput) -> Iterator[None]:
 _WORKER_LINE = re.compile(r"^\[(\d+)\]<stderr>:(.*)$")  # how Horovod forwards a line of rank N's stderr
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b")  # a traceback's last line
 _IDENTITY = re.compile(r"^sparkvision worker rank (\d+) of \d+ on (\S+) pid (\d+)$")  # train_worker's first line
+_ENDED = re.compile(r"^(Killed|Aborted|Segmentation fault|Terminated)\b")  # the shell's line for a process that died
 _SHUT_DOWN = "Horovod has been shut down"  # what the other workers' collectives raise once one worker has failed
 _START_TIMEOUT = "Timed out waiting for Spark tasks to start"
 
@@ -83,11 +84,12 @@ class LaunchLog:
     last: dict[str, str] = field(default_factory=dict)
     casualties: set[str] = field(default_factory=set)
     where: dict[str, str] = field(default_factory=dict)
+    died: list[str] = field(default_factory=list)
 
 
 def read_launch_log(output: WorkerOutput) -> LaunchLog:
     """Parse this launch's lines of the worker log (earlier launches of a resumed run are skipped)."""
-    seen = LaunchLog()
+    seen, identity = LaunchLog(), {}
     with open(output.path, "rb") as fh:
         fh.seek(output.start)
         for raw in fh:
@@ -101,6 +103,9 @@ def read_launch_log(output: WorkerOutput) -> LaunchLog:
                 seen.casualties.add(rank)
             if who := _IDENTITY.match(text.strip()):
                 seen.where[who.group(1)] = f"on {who.group(2)}, pid {who.group(3)}"
+                identity[rank] = f"rank {who.group(1)} ({seen.where[who.group(1)]})"
+            if ended := _ENDED.match(text.strip()):  # elastic mode forwards a process's lines when it ends
+                seen.died.append(f"{identity.get(rank, 'a worker')}: {ended.group(1)}")
     return seen
 
 
@@ -122,8 +127,11 @@ def how_it_died(output: WorkerOutput, exc: BaseException) -> str:
     failure = str(exc)
     named = re.search(r"Process name: (\d+)", failure)
     code = re.search(r"Exit code: (-?\d+)", failure)
-    if not named:
-        return f"a Horovod worker was lost ({type(exc).__name__}: {first_line(exc)})"
+    if not named:  # the elastic driver names no process: the workers whose lines end with how they died
+        died = read_launch_log(output).died
+        if not died:
+            return f"a Horovod worker was lost ({type(exc).__name__}: {first_line(exc)})"
+        return f"worker {died[0]}" + (f", then {len(died) - 1} more" if len(died) > 1 else "")
     rank = named.group(1)
     where = read_launch_log(output).where.get(rank, "")
     how = "exited"
@@ -228,6 +236,11 @@ def worker_process_env(t: TrainConfig, tracking_uri: str) -> dict[str, str]:
     env = child_env(MLFLOW_TRACKING_URI=tracking_uri)
     if t.horovod_cycle_time_ms is not None:
         env["HOROVOD_CYCLE_TIME"] = f"{t.horovod_cycle_time_ms:g}"  # Horovod reads it in milliseconds
+    if t.elastic:
+        # Horovod: no response cache in elastic mode. With it, a worker that rejoins a ring whose survivor has been
+        # training on disagrees with the survivor about the cached collectives, and Gloo aborts both
+        # ("op.preamble.length <= op.nbytes"): every replacement died until the Spark task's retries ran out.
+        env["HOROVOD_CACHE_CAPACITY"] = "0"
     return env
 
 

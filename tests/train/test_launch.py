@@ -48,6 +48,26 @@ def test_a_worker_that_died_is_named_by_rank_host_pid_and_signal_not_by_its_casu
     assert isinstance(lost, WorkerLost) and "worker rank 0 exited with code 3;" in str(lost)
 
 
+def test_in_elastic_mode_the_lost_worker_is_named_from_the_lines_that_end_its_process(tmp_path):
+    """The elastic driver's failure names no process, and its [N] prefixes are slots, not ranks."""
+    out = WorkerOutput(tmp_path / "workers.log")
+    out.write("[0]<stderr>:sparkvision worker rank 0 of 2 on node-a pid 101\n"
+              "[0]<stderr>:Killed\n"
+              "[1]<stderr>:sparkvision worker rank 1 of 2 on node-b pid 202\n"
+              "[1]<stderr>:terminate called after throwing an instance of 'gloo::EnforceNotMet'\n"
+              "[1]<stderr>:Aborted\n"
+              "[0]<stderr>:sparkvision worker rank 1 of 2 on node-a pid 303\n")
+    out.flush()
+    elastic = RuntimeError("Horovod detected that one or more processes exited with non-zero status, thus causing "
+                           "the job to be terminated. The first process to do so was:")
+    lost = launch_failure(elastic, out, 2, 600)
+    assert isinstance(lost, WorkerLost)
+    assert str(lost).startswith("training lost a Horovod worker: worker rank 0 (on node-a, pid 101): Killed, then 1 "
+                                "more; worker log: ")
+    nothing = launch_failure(elastic, WorkerOutput(tmp_path / "empty.log"), 2, 600)
+    assert "a Horovod worker was lost (RuntimeError: Horovod detected" in str(nothing)
+
+
 METRICS = {"epoch": 1, "loss": 0.5, "accuracy": 0.8, "lr": 0.002, "images_per_second": 2100.4,
            "input_wait_fraction": 0.012, "epoch_seconds": 25.04}
 
@@ -77,6 +97,9 @@ def test_workers_get_the_required_environment_and_the_drivers_verbosity(cfg_fact
     assert env["TF_USE_LEGACY_KERAS"] == "1" and env[VERBOSE_VAR] == "0" and env["TF_CPP_MIN_LOG_LEVEL"] == "3"
     assert env["MLFLOW_TRACKING_URI"] == "sqlite:///m.db" and env["HOROVOD_CYCLE_TIME"] == "2.5"
     assert "HOROVOD_CYCLE_TIME" not in worker_process_env(cfg_factory().train, "x")
+    # elastic mode runs without Horovod's response cache: with it, rejoining workers were aborted by Gloo
+    assert worker_process_env(cfg_factory("train.elastic=true").train, "x")["HOROVOD_CACHE_CAPACITY"] == "0"
+    assert "HOROVOD_CACHE_CAPACITY" not in worker_process_env(cfg_factory().train, "x")
 
 
 def test_an_epoch_line_names_the_ring_size_only_when_elastic_mode_lost_a_worker():
