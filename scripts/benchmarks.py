@@ -54,20 +54,31 @@ def cpu_kind(m: dict) -> str:
     return f"{m['cpu']}, {m['cores']} cores, {' + '.join(extras) or 'no AVX-512'}, training in {m['precision']}"
 
 
-def run_scripts(rows_file: Path, quick: bool, only: list[str]) -> list[str]:
-    """Run each planned script (quick or full arguments); the names of those that failed."""
-    rows_file.unlink(missing_ok=True)
+def run_scripts(rows_file: Path, quick: bool, only: list[str], today: str) -> list[str]:
+    """Run each planned script (quick or full arguments); the names of those that failed. The rows of scripts not
+    run this time stay (from the last run of the same kind, quick or full), so `--only` updates a report piece by
+    piece; each row keeps the date it was measured."""
+    planned = [s for s in PLAN if not only or s.removesuffix(".py") in only]
+    kept = [r for r in read_rows(rows_file) if r["script"] not in planned and r.get("quick") == quick]
+    write_rows(rows_file, kept)
     env = {**os.environ, "SPARKVISION_BENCH_ROWS": str(rows_file)}
     failed = []
-    for script, (full, short) in PLAN.items():
-        if only and script.removesuffix(".py") not in only:
-            continue
-        args = short if quick else full
+    for script in planned:
+        args = PLAN[script][1] if quick else PLAN[script][0]
         print(f"[benchmarks] {script} {' '.join(args)}".rstrip(), file=sys.stderr, flush=True)
         if subprocess.call([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env):
             failed.append(script)
             print(f"[benchmarks] {script} FAILED", file=sys.stderr, flush=True)
+    write_rows(rows_file, [{"measured": today, "quick": quick, **r} for r in read_rows(rows_file)])
     return failed
+
+
+def read_rows(rows_file: Path) -> list[dict]:
+    return [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+
+
+def write_rows(rows_file: Path, rows: list[dict]) -> None:
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def figure(stats: dict | None) -> str:
@@ -81,9 +92,10 @@ def figure(stats: dict | None) -> str:
 
 def markdown(rows: list[dict], m: dict, quick: bool) -> str:
     """The report's table: each row's baseline and pipeline (min / median / max), ratio, goal and verdict."""
-    scripts = ", ".join(sorted({f"`{r['script']}`" for r in rows}))
-    lines = [f"Measured {rows[0]['measured'] if rows else ''} on {cpu_kind(m)}{' (quick run)' if quick else ''}, "
-             f"by {scripts}.",
+    dates = sorted({r["measured"] for r in rows})
+    when = "; ".join(f"{d} by " + ", ".join(sorted({f"`{r['script']}`" for r in rows if r["measured"] == d}))
+                     for d in dates)
+    lines = [f"Measured on {cpu_kind(m)}{' (quick run)' if quick else ''}: {when}.",
              "Figures are min / **median** / max of the repetitions; the ratio is of the medians, above 1 in the "
              "pipeline's favour.", "",
              "| benchmark | baseline | pipeline | unit | ratio | goal | met |", "|---|---|---|---|---|---|---|"]
@@ -164,11 +176,11 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     rows_file = OUT / "rows.jsonl"
-    failed = [] if args.no_run else run_scripts(rows_file, args.quick, args.only)
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    failed = [] if args.no_run else run_scripts(rows_file, args.quick, args.only, today)
     m = machine()
-    measured = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    rows = [{**json.loads(line), "machine": m, "measured": measured, "quick": args.quick}
-            for line in (rows_file.read_text().splitlines() if rows_file.exists() else [])]
+    rows = [{"measured": today, **r, "machine": m} for r in read_rows(rows_file) if r.get("quick", args.quick) ==
+            args.quick]
     (OUT / "report.json").write_text(json.dumps(rows, indent=1) + "\n")
     table = markdown(rows, m, args.quick)
     (OUT / "report.md").write_text(f"# sparkvision benchmarks\n\n{table}")

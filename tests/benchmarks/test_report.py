@@ -78,3 +78,24 @@ def test_time_to_accuracy_is_the_first_epoch_at_or_above_the_target(common):
     curve = [(30.0, 0.85), (55.0, 0.91), (80.0, 0.90), (105.0, 0.925)]
     assert tta.seconds_to(curve, 0.90) == 55.0 and tta.seconds_to(curve, 0.92) == 105.0
     assert tta.seconds_to(curve, 0.93) is None
+
+
+def test_a_run_of_some_scripts_replaces_their_rows_and_keeps_the_others_with_their_dates(runner, tmp_path,
+                                                                                          monkeypatch):
+    (tmp_path / "benchmarks").mkdir()
+    for name in ("fast", "slow"):  # each appends one row where scripts/benchmarks.py says, as common.record does
+        (tmp_path / "benchmarks" / f"{name}.py").write_text(
+            "import json, os, sys\n"
+            f"open(os.environ['SPARKVISION_BENCH_ROWS'], 'a').write(json.dumps({{'name': '{name}', "
+            f"'script': '{name}.py', 'args': sys.argv[1:]}}) + '\\n')\n")
+    monkeypatch.setattr(runner, "ROOT", tmp_path)
+    monkeypatch.setattr(runner, "PLAN", {"fast.py": (["--full"], ["--quick"]), "slow.py": ([], ["--quick"])})
+    rows = tmp_path / "rows.jsonl"
+    assert runner.run_scripts(rows, False, [], "2026-12-04") == []
+    assert runner.run_scripts(rows, False, ["fast"], "2026-12-05") == []
+    by_name = {r["name"]: r for r in runner.read_rows(rows)}
+    assert {n: (r["measured"], r["args"]) for n, r in by_name.items()} == {"slow": ("2026-12-04", []),
+                                                                           "fast": ("2026-12-05", ["--full"])}
+    # a quick run never mixes with the full run's rows
+    assert runner.run_scripts(rows, True, ["slow"], "2026-12-06") == []
+    assert [(r["name"], r["quick"]) for r in runner.read_rows(rows)] == [("slow", True)]
