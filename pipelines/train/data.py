@@ -160,6 +160,15 @@ def read_shard(url: str, opts: FeedOptions) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.constant(np.concatenate(pixels)), tf.constant(np.concatenate(labels))
 
 
+def _prefetched(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """`ds` prefetched, with tf.data's model-based autotuning off: its optimizer thread sleeps for periods that
+    double up to a minute, and destroying an iterator waits for its next wake-up (seconds at the end of a long
+    pass). Parallel maps still use every core and the prefetch buffer still adapts to the consumer."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
 def _with_weights(ds: tf.data.Dataset, opts: FeedOptions) -> tf.data.Dataset:
     """(x, y) batches -> (x, y, per-example loss weights): class weights from the manifest, or ones."""
     weights = tf.constant(opts.class_weights or [1.0], tf.float32)
@@ -190,7 +199,7 @@ def split_dataset(url: str, opts: FeedOptions, *, endless: bool) -> Iterator[tf.
         if opts.augment:
             augment = augmenter(opts.augment, opts.seed)
             ds = ds.map(lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
-        yield _with_weights(ds, opts).prefetch(tf.data.AUTOTUNE)
+        yield _prefetched(_with_weights(ds, opts))
         return
 
     from petastorm.tf_utils import make_petastorm_dataset
@@ -208,7 +217,7 @@ def split_dataset(url: str, opts: FeedOptions, *, endless: bool) -> Iterator[tf.
         if endless and opts.augment:
             augment = augmenter(opts.augment, opts.seed)
             ds = ds.map(lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
-        yield _with_weights(ds, opts).prefetch(tf.data.AUTOTUNE)
+        yield _prefetched(_with_weights(ds, opts))
     finally:
         reader.stop()
         reader.join()
@@ -232,5 +241,5 @@ class ValidationFeed:
         if self._cached is None:
             pixels, labels = read_shard(self.url, self.opts)
             ds = tf.data.Dataset.from_tensor_slices((pixels, labels)).batch(self.opts.batch_size)
-            self._cached = _with_weights(ds, self.opts).prefetch(tf.data.AUTOTUNE)
+            self._cached = _prefetched(_with_weights(ds, self.opts))
         yield self._cached

@@ -64,6 +64,18 @@ def test_training_feed_serves_every_row_of_its_shard_each_pass(split_url, cache)
     assert passes[0] != passes[1] != passes[2], "each pass must be shuffled anew"
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_every_feed_runs_without_tf_datas_autotune_model_thread(split_url, cache):
+    # that thread delays an iterator's destruction until its next wake-up: seconds at the end of every training run
+    from pipelines.train.data import ValidationFeed
+
+    opts = FeedOptions(SHAPE, batch_size=10, shard=0, shard_count=1, cache=cache, reader_threads=1)
+    with split_dataset(split_url, opts, endless=True) as train, ValidationFeed(split_url, opts).one_pass() as val:
+        for ds in (train, val):
+            assert ds.options().autotune.enabled is False
+            assert len(list(ds.take(2))) == 2
+
+
 def test_cache_budget_counts_one_workers_share_of_raw_pixels():
     # Fashion-MNIST train: 54,000 x 784 bytes = 40.4 MiB in all, 20.2 MiB per worker of 2
     assert cache_shard(54_000, 2, (28, 28, 1), cache_mb=21)
