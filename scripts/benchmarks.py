@@ -56,10 +56,11 @@ def cpu_kind(m: dict) -> str:
 
 def run_scripts(rows_file: Path, quick: bool, only: list[str], today: str) -> list[str]:
     """Run each planned script (quick or full arguments); the names of those that failed. The rows of scripts not
-    run this time stay (from the last run of the same kind, quick or full), so `--only` updates a report piece by
-    piece; each row keeps the date it was measured."""
+    run this time stay, and so do all of the other kind's (quick or full: a report shows one kind), so `--only`
+    updates a report piece by piece and a quick check never wipes a full run; each row keeps the date it was
+    measured."""
     planned = [s for s in PLAN if not only or s.removesuffix(".py") in only]
-    kept = [r for r in read_rows(rows_file) if r["script"] not in planned and r.get("quick") == quick]
+    kept = [r for r in read_rows(rows_file) if r["script"] not in planned or r.get("quick") != quick]
     write_rows(rows_file, kept)
     env = {**os.environ, "SPARKVISION_BENCH_ROWS": str(rows_file)}
     failed = []

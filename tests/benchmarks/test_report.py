@@ -96,6 +96,8 @@ def test_a_run_of_some_scripts_replaces_their_rows_and_keeps_the_others_with_the
     by_name = {r["name"]: r for r in runner.read_rows(rows)}
     assert {n: (r["measured"], r["args"]) for n, r in by_name.items()} == {"slow": ("2026-12-04", []),
                                                                            "fast": ("2026-12-05", ["--full"])}
-    # a quick run never mixes with the full run's rows
+    # a quick run keeps the full run's rows (a report shows one kind) and replaces only its own kind's
     assert runner.run_scripts(rows, True, ["slow"], "2026-12-06") == []
-    assert [(r["name"], r["quick"]) for r in runner.read_rows(rows)] == [("slow", True)]
+    assert runner.run_scripts(rows, True, ["slow"], "2026-12-07") == []
+    assert sorted((r["name"], r["quick"], r["measured"]) for r in runner.read_rows(rows)) == [
+        ("fast", False, "2026-12-05"), ("slow", False, "2026-12-04"), ("slow", True, "2026-12-07")]
