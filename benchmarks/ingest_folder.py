@@ -13,6 +13,7 @@ the number of files: 20,000 (the default) is a small real dataset; try --images 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import time
@@ -21,27 +22,26 @@ from statistics import median
 
 from common import BENCH_DIR, ROOT, record, report
 
-GENERATOR = 2  # bump when build_photos changes, so cached photos are rebuilt
+GENERATOR = 3  # bump when build_photos changes, so cached photos are rebuilt
 
 
-def build_photos(root, n: int, width: int = 960) -> list:
-    """n distinct JPEG photos (crops of real photos at varying quality, `width` x 3/4 of it, 960x720 by default)
-    under 10 label folders."""
+def _sources() -> list:
+    """The real photos every generated one is a crop of, scaled to 1280x960."""
     from PIL import Image
 
     import skimage.data
     from sklearn.datasets import load_sample_image
 
-    marker = root / f".generated-{GENERATOR}-{n}-{width}"
-    if marker.exists():
-        return sorted(root.rglob("*.jpg"))
-    shutil.rmtree(root, ignore_errors=True)
     sources = [Image.fromarray(load_sample_image("china.jpg")), Image.fromarray(load_sample_image("flower.jpg")),
                Image.fromarray(skimage.data.astronaut()), Image.fromarray(skimage.data.chelsea()),
                Image.fromarray(skimage.data.coffee()), Image.fromarray(skimage.data.rocket())]
-    big = [s.resize((1280, 960)) for s in sources]
-    rng = random.Random(7)
-    for i in range(n):
+    return [s.resize((1280, 960)) for s in sources]
+
+
+def _save_photos(root, first: int, last: int, width: int) -> None:
+    """Photos first..last-1: photo i is always the same crop at the same JPEG quality, whoever writes it."""
+    big = _sources()
+    for i in range(first, last):
         src = big[i % len(big)]
         j = i // len(big)  # a distinct crop offset for every photo of one source: no duplicate files
         x, y = j % 321, (j // 321 * 7) % 241
@@ -49,9 +49,34 @@ def build_photos(root, n: int, width: int = 960) -> list:
         crop = crop if width == 960 else crop.resize((width, width * 3 // 4))
         folder = root / f"class_{i % 10}"
         folder.mkdir(parents=True, exist_ok=True)
-        crop.save(folder / f"photo_{i:05d}.jpg", "JPEG", quality=rng.randint(80, 95))
+        crop.save(folder / f"photo_{i:06d}.jpg", "JPEG", quality=random.Random(i).randint(80, 95))
+
+
+def build_photos(root, n: int, width: int = 960) -> list:
+    """n distinct JPEG photos (crops of real photos at varying quality, `width` x 3/4 of it, 960x720 by default)
+    under 10 label folders, written by one process per core."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    marker = root / f".generated-{GENERATOR}-{n}-{width}"
+    if marker.exists():
+        return sorted(root.rglob("*.jpg"))
+    shutil.rmtree(root, ignore_errors=True)
+    workers = os.cpu_count() or 1
+    bounds = [n * k // workers for k in range(workers + 1)]
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_save_photos, [root] * workers, bounds[:-1], bounds[1:], [width] * workers))
     marker.touch()
     return sorted(root.rglob("*.jpg"))
+
+
+def first_photos(photos: list, root, n: int):
+    """A folder holding the first n of `photos` as hard links in the same label folders: a smaller dataset of the
+    same photos without writing them again."""
+    shutil.rmtree(root, ignore_errors=True)
+    for f in sorted(photos, key=lambda p: p.name)[:n]:
+        (root / f.parent.name).mkdir(parents=True, exist_ok=True)
+        os.link(f, root / f.parent.name / f.name)
+    return root
 
 
 def plain_loop(files, out, spec) -> None:
@@ -113,9 +138,9 @@ def compare(spark, n: int, size: int, repeats: int) -> None:
 def scaling(spark, sizes: list[int], width: int, size: int) -> None:
     """Seconds per 1,000 photos of the whole ingest job at each count (photos `width` wide)."""
     per_k = []
+    every = build_photos(BENCH_DIR / f"photos_{width}", max(sizes), width)
     for n in sizes:
-        photos = BENCH_DIR / f"photos_{width}"
-        build_photos(photos, n, width)
+        photos = first_photos(every, BENCH_DIR / f"photos_{width}_first", n)
         seconds = ingest_seconds(spark, ingest_config(photos, "bench_scaling", size))
         per_k.append(1000 * seconds / n)
         print(f"  ingest of {n:>7} photos {width}x{width * 3 // 4}: {seconds:6.1f}s, {per_k[-1]:.2f} s per 1,000",
