@@ -6,7 +6,7 @@ the full Fashion-MNIST IDX ingest (goal: under one minute).
         [--scale-width 320] [--skip-idx]
 
 The Spark job pays a fixed cost (listing, Python worker start-up, a dozen small Spark jobs, reading the result
-back to check the counts) and the work the loop leaves out (caching the decoded pixels, dedupe, splits,
+back to check the counts) and the work the loop leaves out (a scratch Parquet copy of the decoded pixels, dedupe, splits,
 verification); the loop pays nothing up front. The ratio therefore grows with
 the number of files: 20,000 (the default) is a small real dataset; try --images 4000 to see the fixed cost.
 """

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -25,6 +26,8 @@ from pipelines.spark import run_concurrently, scoped_conf
 from pipelines.storage import check_writable
 
 ROW_OVERHEAD_BYTES = 120  # id, label, paths and hash next to the pixels, for sizing row groups
+SCRATCH = "_decoded"  # inside the staging folder: every candidate decoded once, removed before publishing
+QUARANTINE_COLUMNS = ("path", "label", "reason", "detail", "content_hash")
 
 
 def read_source(spark: SparkSession, cfg: Config) -> sources.Candidates:
@@ -63,84 +66,123 @@ def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         s["note"] = f"skipped {sum(cand.skipped.values())} non-image files" if cand.skipped else ""
 
     allowed = ic.source.label_names if ic.source.type != "idx" else None
+    staging = Staging(cfg.paths.datasets_root, ic.name)
+    if staging.removed_stale:
+        say("ingest", f"removed {staging.removed_stale} staging folder(s) left by a killed ingest of {ic.name}")
+    try:
+        return _decode_and_publish(spark, cfg, cand, spec, allowed, staging, started)
+    except BaseException:
+        staging.discard()
+        raise
+
+
+def decode_to_scratch(spark: SparkSession, cand: sources.Candidates, spec: ImageSpec, allowed: list[str] | None,
+                      staging: Staging) -> DataFrame:
+    """Decode every candidate once on the executors into a scratch Parquet copy inside the staging folder, and read
+    it back. Later passes (dedupe, splits, statistics, counts) read only the columns they need from it, so their
+    cost does not grow with the pixels, as it would re-reading a cache spilled to disk; the final write reads the
+    pixels once more."""
+    decoded = prepare.mark_unknown_labels(decode_candidates(cand.rows, spec), allowed)
+    (decoded.write.mode("error").option("compression", "none")
+     .option("parquet.enable.dictionary#image", "false").parquet(staging.url(SCRATCH)))
+    return spark.read.parquet(staging.url(SCRATCH))
+
+
+@dataclass
+class Splits:
+    """What the splitting step decided and measured, for writing and for the manifest."""
+    assigned: DataFrame             # unique rows with split, label id and name
+    train: DataFrame                # the training split, oversampled when ingest.balance asks
+    label_names: list[str]
+    per_class: dict[tuple[str, str], int]
+    train_counts: dict[str, int]
+    left_out: int                   # training rows dropped by ingest.skew_classes
+    weights: dict[int, float]
+    mean: list[float]
+    std: list[float]
+
+
+def _decode_and_publish(spark: SparkSession, cfg: Config, cand: sources.Candidates, spec: ImageSpec,
+                        allowed: list[str] | None, staging: Staging, started: float) -> dict[str, Any]:
+    ic = cfg.ingest
     with step("ingest", "decoding and validating on the executors") as s, \
             spark_task_progress(spark, "ingest", "decoding"):
-        decoded = prepare.mark_unknown_labels(decode_candidates(cand.rows, spec), allowed)
-        decoded = decoded.persist(StorageLevel.MEMORY_AND_DISK)
+        decoded = decode_to_scratch(spark, cand, spec, allowed, staging)
         seen = decoded.count()
         if seen == 0:
             raise PipelineError(f"no image files found in {ic.source.path}")
-        valid = decoded.where(F.col("reason").isNull())
-        invalid = decoded.where(F.col("reason").isNotNull())
-        dd = prepare.dedupe(valid)
-        unique = dd.unique.withColumn("id", F.substring("content_hash", 1, 32))  # rows of `decoded`, cached
+        dd = prepare.dedupe(decoded.where(F.col("reason").isNull()))
+        unique = dd.unique.withColumn("id", F.substring("content_hash", 1, 32))
         n_unique = unique.count()
         if n_unique == 0:
             reasons = {r["reason"]: r["count"] for r in decoded.groupBy("reason").count().collect()}
             raise PipelineError(f"no valid image among the {seen} files in {ic.source.path} (quarantine reasons: {reasons})")
         s["note"] = f"{seen} images seen, {n_unique} unique and valid"
+    with step("ingest", "splitting, balancing and computing statistics") as s:
+        sp = split_and_measure(unique, n_unique, ic, spec, allowed)
+        say("ingest", labels_found(sp.per_class, sp.label_names))
+        s["note"] = "mean " + ", ".join(f"{m:.4f}" for m in sp.mean) + " std " + ", ".join(f"{v:.4f}" for v in sp.std)
+    with step("ingest", f"writing Parquet to {staging.path.parent}"):
+        quarantine = decoded.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS).unionByName(
+            dd.conflicts.select(*QUARANTINE_COLUMNS))
+        write_version(staging, sp, quarantine, dd.duplicates, ic, spec)
+    with step("ingest", "verifying the staged version") as s:
+        manifest = verify_and_describe(spark, cfg, staging, spec, seen, cand, sp.label_names, sp.train_counts,
+                                       sp.per_class, sp.weights, sp.mean, sp.std, sp.left_out)
+        s["note"] = (f"{manifest['counts']['rows']} rows + {manifest['counts']['quarantined']} quarantined + "
+                     f"{manifest['counts']['duplicates_dropped']} duplicates = {seen} seen")
+    version, unchanged = staging.publish_unless_same(manifest)
 
+    path = dataset_root(cfg.paths.datasets_root, ic.name) / version
+    took = time.perf_counter() - started
+    counts = manifest["counts"]
+    say("ingest", f"{'unchanged, still' if unchanged else 'published'} {ic.name}/{version} at {path} "
+                  f"(train {counts['splits']['train']}, validation {counts['splits']['validation']}, "
+                  f"test {counts['splits']['test']}, quarantined {counts['quarantined']}) in {took:.1f}s")
+    return {"stage": "ingest", "dataset": f"{ic.name}/{version}", "name": ic.name, "version": version,
+            "path": str(path), "unchanged": unchanged, "content_digest": manifest["content_digest"],
+            "counts": counts, "seconds": round(took, 1)}
+
+
+def split_and_measure(unique: DataFrame, n_unique: int, ic: IngestConfig, spec: ImageSpec,
+                      allowed: list[str] | None) -> Splits:
+    """Label ids, class-stratified splits, per-class counts, class weights and the training split's pixel
+    statistics (from hashes, labels and per-image sums: no pixels move)."""
     present = sorted(r["label"] for r in unique.select("label").distinct().collect())
     named = ic.source.idx_label_names if ic.source.type == "idx" else allowed
     label_names = [n for n in (named or present) if n in present] + sorted(set(present) - set(named or present))
     label_ids = {name: i for i, name in enumerate(label_names)}
+    assigned = labelled_splits(unique, ic, label_names)
+    per_class = {(r["split"], r["label_name"]): int(r["count"])
+                 for r in assigned.groupBy("split", "label_name").count().collect()}
+    train_counts = {name: per_class.get(("train", name), 0) for name in label_names}
+    if sum(train_counts.values()) == 0:
+        raise PipelineError("the training split is empty: lower ingest.split.validation / ingest.split.test")
+    train = assigned.where(F.col("split") == "train")
+    mean, std = prepare.channel_stats(train, spec.height * spec.width, spec.channels)
+    if ic.balance == "oversample":
+        train = prepare.oversample(train, {k: v for k, v in train_counts.items() if v})
+    return Splits(assigned, train, label_names, per_class, train_counts, n_unique - sum(per_class.values()),
+                  prepare.class_weights(train_counts, label_ids), mean, std)
 
-    with step("ingest", "splitting, balancing and computing statistics") as s:
-        assigned = labelled_splits(unique, ic, label_names)
-        per_class = {(r["split"], r["label_name"]): int(r["count"])
-                     for r in assigned.groupBy("split", "label_name").count().collect()}
-        train_counts = {name: per_class.get(("train", name), 0) for name in label_names}
-        left_out = n_unique - sum(per_class.values())  # by ingest.skew_classes
-        if sum(train_counts.values()) == 0:
-            raise PipelineError("the training split is empty: lower ingest.split.validation / ingest.split.test")
-        weights = prepare.class_weights(train_counts, label_ids)
-        train = assigned.where(F.col("split") == "train")
-        mean, std = prepare.channel_stats(train, spec.height * spec.width, spec.channels)
-        if ic.balance == "oversample":
-            train = prepare.oversample(train, {k: v for k, v in train_counts.items() if v})
-        say("ingest", labels_found(per_class, label_names))
-        s["note"] = "mean " + ", ".join(f"{m:.4f}" for m in mean) + " std " + ", ".join(f"{v:.4f}" for v in std)
 
-    staging = Staging(cfg.paths.datasets_root, ic.name)
-    if staging.removed_stale:
-        say("ingest", f"removed {staging.removed_stale} staging folder(s) left by a killed ingest of {ic.name}")
+def write_version(staging: Staging, sp: Splits, quarantine: DataFrame, duplicates: DataFrame, ic: IngestConfig,
+                  spec: ImageSpec) -> None:
+    """Write the splits, quarantine and duplicates into the staging folder together, then drop the scratch copy."""
+    row_group_bytes = ic.row_group_rows * (stored_bytes(ic, spec) + ROW_OVERHEAD_BYTES)
+    frames = {split: stored(sp.train if split == "train" else sp.assigned.where(F.col("split") == split), ic, spec)
+              for split in SPLITS}
     try:
-        with step("ingest", f"writing Parquet to {staging.path.parent}") as s:
-            row_group_bytes = ic.row_group_rows * (stored_bytes(ic, spec) + ROW_OVERHEAD_BYTES)
-            frames = {split: stored(train if split == "train" else assigned.where(F.col("split") == split), ic, spec)
-                      for split in SPLITS}
-            quarantine = invalid.select("path", "label", "reason", "detail", "content_hash").unionByName(
-                dd.conflicts.select("path", "label", "reason", "detail", "content_hash"))
-            try:
-                run_concurrently(
-                    [lambda split=split: staging.write(frames[split].select(*SPLIT_COLUMNS), split,
-                                                       ic.files_per_split, row_group_bytes, sort_by="id")
-                     for split in SPLITS]
-                    + [lambda: staging.write(quarantine, "quarantine", 1),
-                       lambda: staging.write(dd.duplicates, "duplicates", 1)])
-            except Exception as exc:  # a full disk, a folder gone: the cause, not Spark's job-aborted wrapper
-                raise PipelineError(f"writing the new version of {ic.name} under {staging.root} failed "
-                                    f"({root_cause(exc)}); nothing was published") from exc
-        with step("ingest", "verifying the staged version") as s:
-            manifest = verify_and_describe(spark, cfg, staging, spec, seen, cand, label_names, train_counts,
-                                           per_class, weights, mean, std, left_out)
-            s["note"] = (f"{manifest['counts']['rows']} rows + {manifest['counts']['quarantined']} quarantined + "
-                         f"{manifest['counts']['duplicates_dropped']} duplicates = {seen} seen")
-        version, unchanged = staging.publish_unless_same(manifest)
-    except BaseException:
-        staging.discard()
-        raise
-    finally:
-        decoded.unpersist()
-
-    path = dataset_root(cfg.paths.datasets_root, ic.name) / version
-    took = time.perf_counter() - started
-    say("ingest", f"{'unchanged, still' if unchanged else 'published'} {ic.name}/{version} at {path} "
-                  f"(train {manifest['counts']['splits']['train']}, validation {manifest['counts']['splits']['validation']}, "
-                  f"test {manifest['counts']['splits']['test']}, quarantined {manifest['counts']['quarantined']}) in {took:.1f}s")
-    return {"stage": "ingest", "dataset": f"{ic.name}/{version}", "name": ic.name, "version": version,
-            "path": str(path), "unchanged": unchanged, "content_digest": manifest["content_digest"],
-            "counts": manifest["counts"], "seconds": round(took, 1)}
+        run_concurrently(
+            [lambda split=split: staging.write(frames[split].select(*SPLIT_COLUMNS), split,
+                                               ic.files_per_split, row_group_bytes, sort_by="id")
+             for split in SPLITS]
+            + [lambda: staging.write(quarantine, "quarantine", 1),
+               lambda: staging.write(duplicates, "duplicates", 1)])
+    except Exception as exc:  # a full disk, a folder gone: the cause, not Spark's job-aborted wrapper
+        raise PipelineError(f"writing the new version of {ic.name} under {staging.root} failed "
+                            f"({root_cause(exc)}); nothing was published") from exc
+    shutil.rmtree(staging.path / SCRATCH)  # not part of the version; nothing reads it after the writes
 
 
 def storage_label(ic: IngestConfig) -> str:

@@ -1,5 +1,6 @@
 """The ingest job on a real local SparkSession: folder and IDX sources, invariants, publish, petastorm."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,9 @@ def test_folder_ingest_accounts_for_every_file(spark, cfg_factory, tree, capsys)
         assert counts["quarantine_reasons"].get(reason) == expected[reason], reason
     assert counts["skipped"] == {"hidden": expected["hidden"], "not_image_extension": expected["not_image_extension"]}
 
+    # the scratch copy every candidate was decoded into is not published with the version
+    assert sorted(p.name for p in Path(out["path"]).iterdir()) == sorted(
+        [*SPLITS, "quarantine", "duplicates", "manifest.json"])
     ds = resolve_dataset(out["path"].rsplit("/", 2)[0], "photos")
     manifest = ds.manifest()
     assert manifest.label_names == ["cat", "coffee", "space"]
