@@ -46,18 +46,22 @@ def repeat(n: int, measure: Callable[[], float]) -> list[float]:
 
 def record(name: str, baseline: Sequence[float] | None, pipeline: Sequence[float], unit: str,
            goal: float | None, *, ratio_of: str = "pipeline / baseline", lower_is_better: bool = False,
-           note: str = "", curve: dict | None = None) -> dict:
+           note: str = "", curve: dict | None = None, within: float | None = None) -> dict:
     """One row of the benchmark report, written as a JSON line to $SPARKVISION_BENCH_ROWS (when set): the baseline
     and pipeline repetitions measured in this run, their medians' ratio (inverted when lower is better, so a ratio
     above 1 always favours the pipeline) and whether it meets the goal. `curve`: a scaling curve to plot,
-    {"x": [...], "y": [...], "x_label": ..., "y_label": ...}."""
+    {"x": [...], "y": [...], "x_label": ..., "y_label": ...}. `within`: a two-sided goal, met when the ratio lies
+    between 1/within and within (a cost that neither grows nor falls by more than that), instead of ratio >= goal."""
     pipe = spread(pipeline) if len(pipeline) else None  # none: the pipeline never got there (say so in `note`)
     base = spread(baseline) if baseline else None
     ratio = None
     if base and pipe and base["median"] and pipe["median"]:
         ratio = base["median"] / pipe["median"] if lower_is_better else pipe["median"] / base["median"]
+    met = None if goal is None or ratio is None else ratio >= goal
+    if within is not None and ratio is not None:
+        goal, met = 1 / within, 1 / within <= ratio <= within
     row = {"name": name, "unit": unit, "baseline": base, "pipeline": pipe, "ratio": ratio, "ratio_of": ratio_of,
-           "goal": goal, "met": None if goal is None or ratio is None else ratio >= goal, "note": note,
+           "goal": goal, "met": met, "note": note,
            "script": Path(sys.argv[0]).name, "curve": curve}
     if os.environ.get(ROWS_VAR):
         with open(os.environ[ROWS_VAR], "a") as f:

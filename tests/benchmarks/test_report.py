@@ -41,6 +41,15 @@ def test_a_row_has_the_spread_of_each_side_and_the_ratio_of_medians(common, tmp_
     assert written[2]["ratio"] is None and written[2]["met"] is None
 
 
+def test_a_two_sided_goal_is_missed_when_the_cost_falls_or_grows_by_more_than_it_allows(common):
+    per_k = lambda small, large: common.record("scaling", [small], [large], "s", None,  # noqa: E731
+                                               lower_is_better=True, within=1.2)
+    assert per_k(0.55, 0.52)["met"] is True
+    assert per_k(0.75, 0.52)["met"] is False   # falls by 44%: a fixed cost the small size cannot hide
+    assert per_k(0.50, 0.70)["met"] is False   # grows by 40%
+    assert per_k(0.75, 0.52)["goal"] == pytest.approx(1 / 1.2)
+
+
 def test_the_table_shows_min_median_max_and_which_goals_were_missed(common, runner, tmp_path, monkeypatch):
     monkeypatch.delenv(common.ROWS_VAR, raising=False)
     rows = [{**common.record("inference", [5000, 6000, 6500], [4000, 4100, 4500], "img/s", 0.8), "measured": "d"}]
