@@ -113,13 +113,14 @@ def _decode_and_publish(spark: SparkSession, cfg: Config, cand: sources.Candidat
             raise PipelineError(f"no image files found in {ic.source.path}")
         dd = prepare.dedupe(decoded.where(F.col("reason").isNull()))
         unique = dd.unique.withColumn("id", F.substring("content_hash", 1, 32))
-        n_unique = unique.count()
+        per_label = {r["label"]: int(r["count"]) for r in unique.groupBy("label").count().collect()}
+        n_unique = sum(per_label.values())
         if n_unique == 0:
             reasons = {r["reason"]: r["count"] for r in decoded.groupBy("reason").count().collect()}
             raise PipelineError(f"no valid image among the {seen} files in {ic.source.path} (quarantine reasons: {reasons})")
         s["note"] = f"{seen} images seen, {n_unique} unique and valid"
     with step("ingest", "splitting, balancing and computing statistics") as s:
-        sp = split_and_measure(unique, n_unique, ic, spec, allowed)
+        sp = split_and_measure(unique, per_label, ic, spec, allowed)
         say("ingest", labels_found(sp.per_class, sp.label_names))
         s["note"] = "mean " + ", ".join(f"{m:.4f}" for m in sp.mean) + " std " + ", ".join(f"{v:.4f}" for v in sp.std)
     with step("ingest", f"writing Parquet to {staging.path.parent}"):
@@ -127,8 +128,7 @@ def _decode_and_publish(spark: SparkSession, cfg: Config, cand: sources.Candidat
             dd.conflicts.select(*QUARANTINE_COLUMNS))
         write_version(staging, sp, quarantine, dd.duplicates, ic, spec)
     with step("ingest", "verifying the staged version") as s:
-        manifest = verify_and_describe(spark, cfg, staging, spec, seen, cand, sp.label_names, sp.train_counts,
-                                       sp.per_class, sp.weights, sp.mean, sp.std, sp.left_out)
+        manifest = verify_and_describe(spark, cfg, staging, spec, seen, cand, sp)
         s["note"] = (f"{manifest['counts']['rows']} rows + {manifest['counts']['quarantined']} quarantined + "
                      f"{manifest['counts']['duplicates_dropped']} duplicates = {seen} seen")
     version, unchanged = staging.publish_unless_same(manifest)
@@ -144,11 +144,11 @@ def _decode_and_publish(spark: SparkSession, cfg: Config, cand: sources.Candidat
             "counts": counts, "seconds": round(took, 1)}
 
 
-def split_and_measure(unique: DataFrame, n_unique: int, ic: IngestConfig, spec: ImageSpec,
+def split_and_measure(unique: DataFrame, per_label: dict[str, int], ic: IngestConfig, spec: ImageSpec,
                       allowed: list[str] | None) -> Splits:
     """Label ids, class-stratified splits, per-class counts, class weights and the training split's pixel
-    statistics (from hashes, labels and per-image sums: no pixels move)."""
-    present = sorted(r["label"] for r in unique.select("label").distinct().collect())
+    statistics (from hashes, labels and per-image sums: no pixels move). `per_label`: unique rows per label."""
+    present = sorted(per_label)
     named = ic.source.idx_label_names if ic.source.type == "idx" else allowed
     label_names = [n for n in (named or present) if n in present] + sorted(set(present) - set(named or present))
     label_ids = {name: i for i, name in enumerate(label_names)}
@@ -162,7 +162,8 @@ def split_and_measure(unique: DataFrame, n_unique: int, ic: IngestConfig, spec: 
     mean, std = prepare.channel_stats(train, spec.height * spec.width, spec.channels)
     if ic.balance == "oversample":
         train = prepare.oversample(train, {k: v for k, v in train_counts.items() if v})
-    return Splits(assigned, train, label_names, per_class, train_counts, n_unique - sum(per_class.values()),
+    return Splits(assigned, train, label_names, per_class, train_counts,
+                  sum(per_label.values()) - sum(per_class.values()),
                   prepare.class_weights(train_counts, label_ids), mean, std)
 
 
@@ -236,9 +237,7 @@ def labelled_splits(unique: DataFrame, ic: IngestConfig, label_names: list[str])
 
 
 def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec: ImageSpec, seen: int,
-                        cand: sources.Candidates, label_names: list[str], train_counts: dict[str, int],
-                        per_class: dict[tuple[str, str], int], weights: dict[int, float],
-                        mean: list[float], std: list[float], left_out: int = 0) -> dict[str, Any]:
+                        cand: sources.Candidates, sp: Splits) -> dict[str, Any]:
     """Read the staged output back, check `rows + quarantined + duplicates + left_out == seen` (left out: training
     rows that ingest.skew_classes dropped), build the manifest."""
     written = {split: spark.read.parquet(staging.url(split)) for split in SPLITS}
@@ -255,14 +254,14 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
          for split in SPLITS]
         + [lambda: quarantine.groupBy("reason").count().collect(),
            lambda: spark.read.parquet(staging.url("duplicates")).count(),
-           lambda: content_digest(union, spec, label_names, storage_label(cfg.ingest))])
+           lambda: content_digest(union, spec, sp.label_names, storage_label(cfg.ingest))])
     split_counts = {split: int(r["n"]) for split, r in zip(SPLITS, split_rows)}
     rows = sum(int(r["originals"]) for r in split_rows)
     reasons = {r["reason"]: int(r["count"]) for r in reason_rows}
     quarantined = sum(reasons.values())
-    if rows + quarantined + duplicates + left_out != seen:
+    if rows + quarantined + duplicates + sp.left_out != seen:
         raise PipelineError(f"count invariant broken: {rows} rows + {quarantined} quarantined + {duplicates} "
-                            f"duplicates + {left_out} left out by ingest.skew_classes != {seen} image files seen; "
+                            f"duplicates + {sp.left_out} left out by ingest.skew_classes != {seen} image files seen; "
                             "nothing was published")
     row_groups = {split: parquet_row_groups(staging.path / split) for split in SPLITS}
     return {
@@ -274,17 +273,17 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
         "image": {"shape": list(spec.shape), "height": spec.height, "width": spec.width, "channels": spec.channels,
                   "storage": cfg.ingest.storage, "encoding": storage_label(cfg.ingest),
                   "dtype": "uint8", "resize_policy": spec.resize_policy, "background": list(spec.background)},
-        "labels": {"names": label_names, "ids": {n: i for i, n in enumerate(label_names)}},
+        "labels": {"names": sp.label_names, "ids": {n: i for i, n in enumerate(sp.label_names)}},
         "counts": {
             "seen": seen, "rows": rows, "quarantined": quarantined, "duplicates_dropped": duplicates,
-            "left_out_by_skew": left_out,
+            "left_out_by_skew": sp.left_out,
             "skipped": cand.skipped, "quarantine_reasons": reasons,
             "splits": split_counts,
-            "train_before_balance": sum(train_counts.values()),
-            "per_class": {split: {n: per_class.get((split, n), 0) for n in label_names} for split in SPLITS},
+            "train_before_balance": sum(sp.train_counts.values()),
+            "per_class": {split: {n: sp.per_class.get((split, n), 0) for n in sp.label_names} for split in SPLITS},
         },
-        "stats": {"mean": mean, "std": std, "computed_on": "train split before balancing, pixels scaled to [0,1]"},
-        "class_weights": {str(k): v for k, v in weights.items()},
+        "stats": {"mean": sp.mean, "std": sp.std, "computed_on": "train split before balancing, pixels scaled to [0,1]"},
+        "class_weights": {str(k): v for k, v in sp.weights.items()},
         "balance": cfg.ingest.balance,
         "skew": {"classes": cfg.ingest.skew_classes, "fraction": cfg.ingest.skew_fraction} if cfg.ingest.skew_classes
         else None,
