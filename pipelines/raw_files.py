@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -77,23 +78,33 @@ def qualified_path(spark: SparkSession, path: str) -> str:
     return fs.makeQualified(hpath).toString().rstrip("/")
 
 
-def walk_local(root: str) -> tuple[int, list[str]]:
-    """Hidden files under a local root (Spark never lists them) and empty image files (Spark's file scan
-    drops zero-length files): both are counted here so that nothing is lost silently."""
+@dataclass
+class LocalWalk:
+    """What walking a local root finds besides the files Spark lists as images."""
+    hidden: int                # under a name Spark never lists (leading '.' or '_')
+    not_images: int            # other extensions, which ingest skips
+    empty: list[str]           # zero-length image files, which Spark's file scan drops
+
+
+def walk_local(root: str) -> LocalWalk | None:
+    """Hidden, non-image and empty image files under a local root, counted here so that nothing is lost silently
+    (and without a Spark job over the listing); None for a root that is not a local folder."""
     local = root[len("file:"):] if root.startswith("file:") else root
     if "://" in local or not os.path.isdir(local):
-        return 0, []
-    hidden, empty = 0, []
+        return None
+    found = LocalWalk(0, 0, [])
     for dirpath, _dirnames, filenames in os.walk(local):
         rel = os.path.relpath(dirpath, local)
         in_hidden_dir = any(p.startswith((".", "_")) for p in Path(rel).parts if p != ".")
         for f in filenames:
             reason = "hidden" if in_hidden_dir else skip_reason(f)
             if reason == "hidden":
-                hidden += 1
-            elif reason is None and os.path.getsize(os.path.join(dirpath, f)) == 0:
-                empty.append(os.path.join(os.path.abspath(dirpath), f))
-    return hidden, empty
+                found.hidden += 1
+            elif reason == "not_image_extension":
+                found.not_images += 1
+            elif os.path.getsize(os.path.join(dirpath, f)) == 0:
+                found.empty.append(os.path.join(os.path.abspath(dirpath), f))
+    return found
 
 
 def is_image_name(path: str) -> bool:
@@ -114,12 +125,13 @@ def list_folder(spark: SparkSession, root: str) -> tuple[DataFrame, dict[str, in
         raise PipelineError(f"image folder not found: {root}")
     prefix = qualified_path(spark, root)
     listed = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
-    hidden, empty = walk_local(root)
-    if empty:  # paths only (no pixels): zero-length files, to be quarantined as empty_file
+    walk = walk_local(root)
+    if walk and walk.empty:  # paths only (no pixels): zero-length files, to be quarantined as empty_file
         listed = listed.unionByName(spark.createDataFrame(
-            [(f"file:{p}", None, len(b""), bytearray()) for p in empty],
+            [(f"file:{p}", None, len(b""), bytearray()) for p in walk.empty],
             "path string, modificationTime timestamp, length long, content binary"))
-    not_images = listed.select("path").where(~is_image()).count()
+    hidden = walk.hidden if walk else 0
+    not_images = walk.not_images if walk else listed.select("path").where(~is_image()).count()
     parts = F.split(F.expr(f"substring(path, {len(prefix) + 2})"), "/")
     # Local (or mounted) files are read by the Python workers themselves: shipping the bytes JVM -> Arrow ->
     # Python costs more than decoding them. Other filesystems (s3a, hdfs, ...) go through binaryFile's content.

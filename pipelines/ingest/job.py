@@ -85,7 +85,7 @@ def decode_to_scratch(spark: SparkSession, cand: sources.Candidates, spec: Image
     decoded = prepare.mark_unknown_labels(decode_candidates(cand.rows, spec), allowed)
     (decoded.write.mode("error").option("compression", "none")
      .option("parquet.enable.dictionary#image", "false").parquet(staging.url(SCRATCH)))
-    return spark.read.parquet(staging.url(SCRATCH))
+    return spark.read.schema(decoded.schema).parquet(staging.url(SCRATCH))  # no job to read a footer for it
 
 
 @dataclass
@@ -108,19 +108,19 @@ def _decode_and_publish(spark: SparkSession, cfg: Config, cand: sources.Candidat
     with step("ingest", "decoding and validating on the executors") as s, \
             spark_task_progress(spark, "ingest", "decoding"):
         decoded = decode_to_scratch(spark, cand, spec, allowed, staging)
-        seen = decoded.count()
+        # independent: submitted together (see run_concurrently)
+        seen, dd = run_concurrently([decoded.count, lambda: prepare.dedupe(decoded.where(F.col("reason").isNull()))])
         if seen == 0:
             raise PipelineError(f"no image files found in {ic.source.path}")
-        dd = prepare.dedupe(decoded.where(F.col("reason").isNull()))
         unique = dd.unique.withColumn("id", F.substring("content_hash", 1, 32))
-        per_label = {r["label"]: int(r["count"]) for r in unique.groupBy("label").count().collect()}
-        n_unique = sum(per_label.values())
+        labels = prepare.label_counts(unique)
+        n_unique = sum(labels.per_label.values())
         if n_unique == 0:
             reasons = {r["reason"]: r["count"] for r in decoded.groupBy("reason").count().collect()}
             raise PipelineError(f"no valid image among the {seen} files in {ic.source.path} (quarantine reasons: {reasons})")
         s["note"] = f"{seen} images seen, {n_unique} unique and valid"
     with step("ingest", "splitting, balancing and computing statistics") as s:
-        sp = split_and_measure(unique, per_label, ic, spec, allowed)
+        sp = split_and_measure(unique, labels, ic, spec, allowed)
         say("ingest", labels_found(sp.per_class, sp.label_names))
         s["note"] = "mean " + ", ".join(f"{m:.4f}" for m in sp.mean) + " std " + ", ".join(f"{v:.4f}" for v in sp.std)
     with step("ingest", f"writing Parquet to {staging.path.parent}"):
@@ -144,26 +144,27 @@ def _decode_and_publish(spark: SparkSession, cfg: Config, cand: sources.Candidat
             "counts": counts, "seconds": round(took, 1)}
 
 
-def split_and_measure(unique: DataFrame, per_label: dict[str, int], ic: IngestConfig, spec: ImageSpec,
+def split_and_measure(unique: DataFrame, labels: prepare.LabelCounts, ic: IngestConfig, spec: ImageSpec,
                       allowed: list[str] | None) -> Splits:
     """Label ids, class-stratified splits, per-class counts, class weights and the training split's pixel
-    statistics (from hashes, labels and per-image sums: no pixels move). `per_label`: unique rows per label."""
-    present = sorted(per_label)
+    statistics (from hashes, labels and per-image sums: no pixels move)."""
+    present = sorted(labels.per_label)
     named = ic.source.idx_label_names if ic.source.type == "idx" else allowed
     label_names = [n for n in (named or present) if n in present] + sorted(set(present) - set(named or present))
     label_ids = {name: i for i, name in enumerate(label_names)}
-    assigned = labelled_splits(unique, ic, label_names)
-    per_class = {(r["split"], r["label_name"]): int(r["count"])
-                 for r in assigned.groupBy("split", "label_name").count().collect()}
+    assigned = labelled_splits(unique, ic, label_names, labels.has_own_test)
+    totals = prepare.class_totals(assigned, spec.channels)
+    per_class = {key: t.n for key, t in totals.items()}
     train_counts = {name: per_class.get(("train", name), 0) for name in label_names}
     if sum(train_counts.values()) == 0:
         raise PipelineError("the training split is empty: lower ingest.split.validation / ingest.split.test")
+    mean, std = prepare.channel_stats([t for (split, _), t in totals.items() if split == "train"],
+                                      spec.height * spec.width, spec.channels)
     train = assigned.where(F.col("split") == "train")
-    mean, std = prepare.channel_stats(train, spec.height * spec.width, spec.channels)
     if ic.balance == "oversample":
         train = prepare.oversample(train, {k: v for k, v in train_counts.items() if v})
     return Splits(assigned, train, label_names, per_class, train_counts,
-                  sum(per_label.values()) - sum(per_class.values()),
+                  sum(labels.per_label.values()) - sum(per_class.values()),
                   prepare.class_weights(train_counts, label_ids), mean, std)
 
 
@@ -220,10 +221,10 @@ def labels_found(per_class: dict[tuple[str, str], int], label_names: list[str], 
     return f"{len(label_names)} label{'s' if len(label_names) != 1 else ''}: {listed}{more}"
 
 
-def labelled_splits(unique: DataFrame, ic: IngestConfig, label_names: list[str]) -> DataFrame:
+def labelled_splits(unique: DataFrame, ic: IngestConfig, label_names: list[str], has_own_test: bool) -> DataFrame:
     """Unique rows with their split, label id and name; the training split skewed when ingest.skew_classes asks."""
     id_map = F.create_map(*[x for i, name in enumerate(label_names) for x in (F.lit(name), F.lit(i))])
-    assigned = (prepare.assign_splits(unique, ic.split.validation, ic.split.test)
+    assigned = (prepare.assign_splits(unique, ic.split.validation, ic.split.test, has_own_test)
                 .withColumn("label_name", F.col("label"))
                 .withColumn("label", id_map.getItem(F.col("label_name")).cast("int"))
                 .withColumnRenamed("path", "source_path"))
@@ -240,12 +241,12 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
                         cand: sources.Candidates, sp: Splits) -> dict[str, Any]:
     """Read the staged output back, check `rows + quarantined + duplicates + left_out == seen` (left out: training
     rows that ingest.skew_classes dropped), build the manifest."""
-    written = {split: spark.read.parquet(staging.url(split)) for split in SPLITS}
+    written = {split: staging.read(spark, split) for split in SPLITS}
     union = None
     for split in SPLITS:
         part = written[split].withColumn("split", F.lit(split))
         union = part if union is None else union.unionByName(part)
-    quarantine = spark.read.parquet(staging.url("quarantine"))
+    quarantine = staging.read(spark, "quarantine")
     copies = F.col("id").contains("~")  # oversampled copies of a training row
     # independent read-backs, submitted together (see run_concurrently)
     *split_rows, reason_rows, duplicates, digest = run_concurrently(
@@ -253,7 +254,7 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
                                                 F.count(F.when(~copies, 1)).alias("originals")).first()
          for split in SPLITS]
         + [lambda: quarantine.groupBy("reason").count().collect(),
-           lambda: spark.read.parquet(staging.url("duplicates")).count(),
+           lambda: staging.read(spark, "duplicates").count(),
            lambda: content_digest(union, spec, sp.label_names, storage_label(cfg.ingest))])
     split_counts = {split: int(r["n"]) for split, r in zip(SPLITS, split_rows)}
     rows = sum(int(r["originals"]) for r in split_rows)

@@ -81,15 +81,28 @@ def split_cuts(keys: DataFrame, validation: float, test: float) -> dict[str, tup
     return {r["label"]: (r["validation_from"] or NO_CUT, r["train_from"] or NO_CUT) for r in rows}
 
 
-def assign_splits(unique: DataFrame, validation: float, test: float) -> DataFrame:
+@dataclass(frozen=True)
+class LabelCounts:
+    per_label: dict[str, int]  # unique valid rows per label
+    has_own_test: bool         # the source marked some rows as its own test set
+
+
+def label_counts(unique: DataFrame) -> LabelCounts:
+    """Rows per label and whether the source brought its own test set, in one aggregate over hashes and labels."""
+    own_test = F.coalesce(F.col("source_split") == "test", F.lit(False))
+    rows = unique.groupBy("label").agg(F.count(F.lit(1)).alias("n"), F.max(own_test).alias("own_test")).collect()
+    return LabelCounts({r["label"]: int(r["n"]) for r in rows}, any(r["own_test"] for r in rows))
+
+
+def assign_splits(unique: DataFrame, validation: float, test: float, has_own_test: bool) -> DataFrame:
     """Deterministic, class-stratified split from the content hash (see split_cuts).
 
-    Rows a source marked as its own test set stay test, and then the `test` fraction is not taken from the
-    rest. Rows are compared with their class's cut hashes in place: no pixels are shuffled.
+    Rows a source marked as its own test set stay test (`has_own_test`: there are some, from label_counts), and
+    then the `test` fraction is not taken from the rest. Rows are compared with their class's cut hashes in place:
+    no pixels are shuffled.
     """
     own_test = F.col("source_split") == "test"
     pool = unique.where(~own_test | F.col("source_split").isNull())
-    has_own_test = unique.where(own_test).limit(1).count() > 0
     cuts = split_cuts(pool.select("label", "content_hash"), validation, 0.0 if has_own_test else test)
     cut_map = lambda i: F.create_map(*[x for label, c in cuts.items() for x in (F.lit(label), F.lit(c[i]))])  # noqa: E731
     h = F.col("content_hash")
@@ -132,15 +145,29 @@ def oversample(train: DataFrame, counts: dict[str, int]) -> DataFrame:
             .drop("_copy"))
 
 
-def channel_stats(train: DataFrame, pixels_per_image: int, channels: int) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of pixels scaled to [0, 1], summed on the executors."""
-    aggs = []
+@dataclass(frozen=True)
+class ClassTotals:
+    n: int               # rows
+    sums: list[float]    # per channel: sum of pixel values scaled to [0, 1]
+    sumsqs: list[float]  # per channel: sum of their squares
+
+
+def class_totals(assigned: DataFrame, channels: int) -> dict[tuple[str, str], ClassTotals]:
+    """(split, label_name) -> rows and per-channel pixel sums, from the per-image sums in one aggregate: the
+    counts of every class in every split and the inputs of channel_stats, with no pixels moved."""
+    aggs = [F.count(F.lit(1)).alias("n")]
     for c in range(channels):
         aggs += [F.sum(F.col("pixel_sum").getItem(c)).alias(f"s{c}"), F.sum(F.col("pixel_sumsq").getItem(c)).alias(f"q{c}")]
-    row = train.agg(F.count(F.lit(1)).alias("n"), *aggs).first()
-    n = row["n"] * pixels_per_image
+    return {(r["split"], r["label_name"]): ClassTotals(int(r["n"]), [r[f"s{c}"] or 0.0 for c in range(channels)],
+                                                       [r[f"q{c}"] or 0.0 for c in range(channels)])
+            for r in assigned.groupBy("split", "label_name").agg(*aggs).collect()}
+
+
+def channel_stats(totals: list[ClassTotals], pixels_per_image: int, channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of pixels scaled to [0, 1] over the rows that `totals` count."""
+    n = sum(t.n for t in totals) * pixels_per_image
     if not n:
         return [0.0] * channels, [1.0] * channels
-    means = [row[f"s{c}"] / n for c in range(channels)]
-    stds = [max(row[f"q{c}"] / n - means[c] ** 2, 0.0) ** 0.5 for c in range(channels)]
+    means = [sum(t.sums[c] for t in totals) / n for c in range(channels)]
+    stds = [max(sum(t.sumsqs[c] for t in totals) / n - means[c] ** 2, 0.0) ** 0.5 for c in range(channels)]
     return means, stds

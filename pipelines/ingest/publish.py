@@ -12,7 +12,8 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.types import StructType
 
 from pipelines.dataset.contract import MANIFEST, dataset_root, latest_version, next_version, read_manifest, set_latest
 
@@ -34,6 +35,7 @@ class Staging:
         self._lock = _locked(_lock_file(self.root, token), wait=False)  # before the folder exists
         self.path = self.root / f"_staging-{token}"
         self.path.mkdir()
+        self.schemas: dict[str, StructType] = {}  # part -> the schema written there
 
     def _remove_stale(self) -> int:
         """Remove the staging folders of killed runs (their lock is free); how many there were."""
@@ -68,6 +70,12 @@ class Staging:
                       .option("parquet.page.size.row.check.min", "1")
                       .option("parquet.enable.dictionary#image", "false"))
         writer.parquet(self.url(part))
+        self.schemas[part] = df.schema
+
+    def read(self, spark: SparkSession, part: str) -> DataFrame:
+        """A part written by `write`, read back with the schema it was written with (Spark need not run a job to
+        read a footer for it)."""
+        return spark.read.schema(self.schemas[part]).parquet(self.url(part))
 
     def publish_unless_same(self, manifest: dict[str, Any]) -> tuple[str, bool]:
         """Publish as the next version and point LATEST at it, unless the latest version already holds the same

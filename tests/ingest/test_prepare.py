@@ -43,7 +43,7 @@ def test_both_dedupe_paths_agree(spark, monkeypatch):
 def test_split_cuts_match_a_percent_rank_over_every_row(spark):
     rows = [(f"/d/{i}.png", f"c{i % 4}", None, digest(i)) for i in range(403)]
     df = rows_frame(spark, rows)
-    got = {r["path"]: r["split"] for r in prepare.assign_splits(df, 0.15, 0.2).collect()}
+    got = {r["path"]: r["split"] for r in prepare.assign_splits(df, 0.15, 0.2, has_own_test=False).collect()}
     q = F.percent_rank().over(Window.partitionBy("label").orderBy("content_hash"))
     ref = df.withColumn("_q", q).withColumn(
         "split", F.when(F.col("_q") < 0.2, "test").when(F.col("_q") < 0.35, "validation").otherwise("train"))
@@ -61,6 +61,28 @@ def test_split_cuts_match_a_percent_rank_over_every_row(spark):
 
 def test_a_source_with_its_own_test_set_keeps_it(spark):
     rows = [(f"/d/{i}.png", f"c{i % 2}", "test" if i < 10 else None, digest(i)) for i in range(50)]
-    got = {r["path"]: r["split"] for r in prepare.assign_splits(rows_frame(spark, rows), 0.1, 0.3).collect()}
+    df = rows_frame(spark, rows)
+    counts = prepare.label_counts(df)
+    assert counts == prepare.LabelCounts({"c0": 25, "c1": 25}, has_own_test=True)
+    assert not prepare.label_counts(df.where("source_split is null")).has_own_test
+    got = {r["path"]: r["split"] for r in prepare.assign_splits(df, 0.1, 0.3, counts.has_own_test).collect()}
     assert {p for p, s in got.items() if s == "test"} == {f"/d/{i}.png" for i in range(10)}
     assert sum(s == "validation" for s in got.values()) in (4, 5, 6)
+
+
+def test_class_totals_count_every_class_and_give_the_training_split_statistics(spark):
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(40, 6, 3)).astype(np.float64) / 255  # 40 images of 6 pixels, 3 channels
+    split = ["train" if i % 4 else "test" for i in range(40)]
+    rows = [(split[i], f"c{i % 3}", images[i].sum(0).tolist(), (images[i] ** 2).sum(0).tolist()) for i in range(40)]
+    df = spark.createDataFrame(rows, "split string, label_name string, pixel_sum array<double>, "
+                                     "pixel_sumsq array<double>")
+    totals = prepare.class_totals(df, 3)
+    assert {k: t.n for k, t in totals.items()} == {
+        (s, f"c{c}"): sum(1 for i in range(40) if split[i] == s and i % 3 == c) for s in ("train", "test") for c in range(3)}
+    mean, std = prepare.channel_stats([t for (s, _), t in totals.items() if s == "train"], 6, 3)
+    train = images[[i for i in range(40) if split[i] == "train"]].reshape(-1, 3)
+    assert np.allclose(mean, train.mean(0)) and np.allclose(std, train.std(0))
+    assert prepare.channel_stats([], 6, 3) == ([0.0] * 3, [1.0] * 3)
