@@ -1,6 +1,8 @@
 """PySpark's Python daemon for local executors: Horovod's services on the loopback address (pipelines.loopback),
 without the 3 s Horovod's task service waits after every run (pipelines.horovod_fixes) and, unless --verbose,
-without Keras progress bars (pipelines.keras_quiet) or Horovod's traceback on a stopped training run.
+without Keras progress bars (pipelines.keras_quiet) or Horovod's traceback on a stopped training run, and with
+the garbage collector's full pass after each task skipping what the worker's first task left (see
+collect_then_freeze_once).
 
 When a run is stopped (Ctrl-C, SIGTERM), Horovod's task service, which runs inside the executor's Python worker,
 closes the output pipe of the training process it aborts while a thread is still forwarding that process's last
@@ -11,8 +13,10 @@ drops that one exception and prints every other thread error as before.
 """
 from __future__ import annotations
 
+import gc
 import threading
 import traceback
+from types import SimpleNamespace
 from typing import Any
 
 from pipelines.environment import is_verbose
@@ -36,6 +40,23 @@ def _thread_error(args: threading.ExceptHookArgs) -> None:
         _print_thread_error(args)
 
 
+_frozen = False
+
+
+def collect_then_freeze_once() -> int:
+    """PySpark's daemon runs a full gc.collect() in a worker after every task it runs. That pass walks every object
+    the worker holds: the modules it imported (pandas, pyarrow, TensorFlow) and what it keeps between tasks (a loaded
+    model), tens of milliseconds a task without TensorFlow and over a hundred with it. After the first task's pass
+    the survivors are frozen (gc.freeze: left out of later passes, still freed by reference counting), so later
+    passes walk only what later tasks made."""
+    global _frozen
+    collected = gc.collect()
+    if not _frozen:
+        gc.freeze()
+        _frozen = True
+    return collected
+
+
 if not is_verbose():
     threading.excepthook = _thread_error  # inherited by the workers the daemon forks
     quiet_keras_progress_bars()
@@ -43,6 +64,7 @@ bind_if_asked()  # before the daemon forks its workers, which run Horovod's task
 start_command_lifetime_at_launch()
 
 if __name__ == "__main__":
-    from pyspark.daemon import manager
+    import pyspark.daemon
 
-    manager()
+    pyspark.daemon.gc = SimpleNamespace(collect=collect_then_freeze_once)  # the one gc call the daemon makes
+    pyspark.daemon.manager()

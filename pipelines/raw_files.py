@@ -58,14 +58,19 @@ def image_spec(cfg: Config, shape: tuple[int, int, int] | None = None) -> ImageS
     return ImageSpec(height, width, channels, im.resize_policy, tuple(im.background), cfg.ingest.max_pixels)
 
 
-def file_read_settings(cfg: Config) -> dict[str, str]:
-    """Session settings while reading raw image files (restored when the job ends)."""
+def file_read_settings(cfg: Config, slots: int) -> dict[str, str]:
+    """Session settings while reading raw image files (restored when the job ends); `slots`: the session's task
+    slots (defaultParallelism)."""
     return {
         # Photos are large: small Arrow batches, so a batch of raw files fits in a Python worker's memory.
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(min(cfg.spark.arrow_batch_size, 64)),
         # Spark plans file splits as if each file cost 4 MB to open: for small photos that is one task per
         # ~30 files. Count 64 KB, so tasks hold hundreds of photos each.
         "spark.sql.files.openCostInBytes": str(64 * 1024),
+        # Every task pays a fixed cost (a Python worker's set-up and clean-up, an output file committed): at most
+        # about four tasks per slot, however many photos, so that cost does not grow with them and the last round
+        # of tasks stays short.
+        "spark.sql.files.maxPartitionNum": str(4 * slots),
     }
 
 

@@ -55,6 +55,23 @@ def test_local_executors_run_the_daemon_that_drops_horovods_closed_pipe_error_on
     assert not is_closed_pipe(RuntimeError, elsewhere.value, elsewhere.tb)
 
 
+def test_a_local_workers_gc_pass_after_each_task_skips_what_its_first_task_left(spark):
+    """PySpark's daemon collects garbage after every task; the local daemon freezes the survivors of a worker's
+    first pass, so a worker that has run a task before starts the next one with its imports frozen."""
+    def frozen(_):
+        import gc
+        import os as o
+
+        return [(o.getpid(), gc.get_freeze_count())]
+
+    seen = spark.sparkContext.parallelize(range(12), 12).mapPartitions(frozen).collect()
+    by_worker: dict[int, list[int]] = {}
+    for pid, count in seen:
+        by_worker.setdefault(pid, []).append(count)
+    assert any(len(counts) > 1 for counts in by_worker.values()), seen  # workers were reused
+    assert all(max(counts) > 10_000 for counts in by_worker.values() if len(counts) > 1), seen
+
+
 def test_a_crashed_python_worker_is_still_reported_and_named_in_the_error(tmp_path):
     """The log4j filter hides the executor's after-stop lines only; a worker that dies while Spark runs is shown."""
     import subprocess

@@ -97,7 +97,8 @@ def _write_atomically(df: DataFrame, quarantine: DataFrame | None, output: Path,
 
 def run_infer(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     """Score the configured input with the configured model (default: the champion) and write Parquet."""
-    with scoped_conf(spark, file_read_settings(cfg) if cfg.infer.input_type == "files" else {}):
+    files = cfg.infer.input_type == "files"
+    with scoped_conf(spark, file_read_settings(cfg, spark.sparkContext.defaultParallelism) if files else {}):
         return _infer(spark, cfg)
 
 

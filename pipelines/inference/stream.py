@@ -197,7 +197,7 @@ def run_stream(spark: SparkSession, cfg: Config, model: Any) -> dict[str, Any]:
                            "model_version": model.version or "", "trigger": ic.trigger,
                            "trigger_seconds": ic.trigger_seconds, "max_files_per_trigger": ic.max_files_per_trigger})
         say("infer", f"streaming {source} -> {output}: {model.uri} pinned to {model.load_uri}, {every}")
-        with scoped_conf(spark, file_read_settings(cfg)):
+        with scoped_conf(spark, file_read_settings(cfg, spark.sparkContext.defaultParallelism)):
             signum = await_query(start_query(spark, cfg, source, output, sink))
         mlflow.log_metrics({k: float(v) for k, v in sink.totals.items()})
         if signum:

@@ -51,7 +51,8 @@ def content_digest(splits: DataFrame, spec: ImageSpec, label_names: list[str], s
 
 def run_ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     """Read the configured source, validate and normalize on the executors, publish a new dataset version."""
-    settings = file_read_settings(cfg) if cfg.ingest.source.type != "idx" else {}
+    files = cfg.ingest.source.type != "idx"
+    settings = file_read_settings(cfg, spark.sparkContext.defaultParallelism) if files else {}
     with scoped_conf(spark, settings):
         return _ingest(spark, cfg)
 
