@@ -93,7 +93,7 @@ def decode_to_scratch(spark: SparkSession, cand: sources.Candidates, spec: Image
 class Splits:
     """What the splitting step decided and measured, for writing and for the manifest."""
     assigned: DataFrame             # unique rows with split, label id and name
-    train: DataFrame                # the training split, oversampled when ingest.balance asks
+    rows: DataFrame                 # what to write: assigned, its training split oversampled when ingest.balance asks
     label_names: list[str]
     per_class: dict[tuple[str, str], int]
     train_counts: dict[str, int]
@@ -161,27 +161,26 @@ def split_and_measure(unique: DataFrame, labels: prepare.LabelCounts, ic: Ingest
         raise PipelineError("the training split is empty: lower ingest.split.validation / ingest.split.test")
     mean, std = prepare.channel_stats([t for (split, _), t in totals.items() if split == "train"],
                                       spec.height * spec.width, spec.channels)
-    train = assigned.where(F.col("split") == "train")
+    rows = assigned
     if ic.balance == "oversample":
-        train = prepare.oversample(train, {k: v for k, v in train_counts.items() if v})
-    return Splits(assigned, train, label_names, per_class, train_counts,
+        train = prepare.oversample(assigned.where(F.col("split") == "train"), {k: v for k, v in train_counts.items() if v})
+        rows = assigned.where(F.col("split") != "train").unionByName(train)
+    return Splits(assigned, rows, label_names, per_class, train_counts,
                   sum(labels.per_label.values()) - sum(per_class.values()),
                   prepare.class_weights(train_counts, label_ids), mean, std)
 
 
 def write_version(staging: Staging, sp: Splits, quarantine: DataFrame, duplicates: DataFrame, ic: IngestConfig,
                   spec: ImageSpec) -> None:
-    """Write the splits, quarantine and duplicates into the staging folder together, then drop the scratch copy."""
+    """Write the splits (one job: the scratch copy's pixels are read once), quarantine and duplicates into the
+    staging folder together, then drop the scratch copy."""
     row_group_bytes = ic.row_group_rows * (stored_bytes(ic, spec) + ROW_OVERHEAD_BYTES)
-    frames = {split: stored(sp.train if split == "train" else sp.assigned.where(F.col("split") == split), ic, spec)
-              for split in SPLITS}
+    splits = stored(sp.rows, ic, spec).select(*SPLIT_COLUMNS, "split")
     try:
         run_concurrently(
-            [lambda split=split: staging.write(frames[split].select(*SPLIT_COLUMNS), split,
-                                               ic.files_per_split, row_group_bytes, sort_by="id")
-             for split in SPLITS]
-            + [lambda: staging.write(quarantine, "quarantine", 1),
-               lambda: staging.write(duplicates, "duplicates", 1)])
+            [lambda: staging.write_parts(splits, "split", SPLITS, ic.files_per_split, row_group_bytes, sort_by="id"),
+             lambda: staging.write(quarantine, "quarantine", 1),
+             lambda: staging.write(duplicates, "duplicates", 1)])
     except Exception as exc:  # a full disk, a folder gone: the cause, not Spark's job-aborted wrapper
         raise PipelineError(f"writing the new version of {ic.name} under {staging.root} failed "
                             f"({root_cause(exc)}); nothing was published") from exc
@@ -208,7 +207,7 @@ def stored_bytes(ic: IngestConfig, spec: ImageSpec) -> int:
 
 
 def stored(split: DataFrame, ic: IngestConfig, spec: ImageSpec) -> DataFrame:
-    """A split's rows with the image column as ingest.storage keeps it (encoded on the executors)."""
+    """Rows with the image column as ingest.storage keeps it (encoded on the executors)."""
     if ic.storage == "pixels":
         return split
     return split.withColumn("image", encoded_column("image", spec.shape, ic.encoding.format, ic.encoding.quality))

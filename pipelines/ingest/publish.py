@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from pipelines.dataset.contract import MANIFEST, dataset_root, latest_version, next_version, read_manifest, set_latest
 
+PARTS = "_parts"  # inside the staging folder: write_parts' output before its folders move into place
 STALE_STAGING_SECONDS = 6 * 3600  # a staging folder without a lock file (written before there were locks)
 
 
@@ -71,6 +73,27 @@ class Staging:
                       .option("parquet.enable.dictionary#image", "false"))
         writer.parquet(self.url(part))
         self.schemas[part] = df.schema
+
+    def write_parts(self, df: DataFrame, column: str, parts: tuple[str, ...], files: int, row_group_bytes: int,
+                    sort_by: str) -> None:
+        """One part per value of `column` (its rows without that column), written by one job that reads `df` once;
+        each part's rows go into up to `files` files by a hash of `sort_by`, sorted by it within each file. A part
+        with no rows still gets its folder and a file holding the schema."""
+        bucket = F.pmod(F.xxhash64(sort_by), F.lit(files))
+        spread = df.repartition(len(parts) * files, column, bucket).sortWithinPartitions(column, sort_by)
+        (spread.write.mode("error").partitionBy(column)
+         .option("parquet.block.size", str(row_group_bytes))
+         .option("parquet.page.size.row.check.min", "1")  # see write: row groups of large photos
+         .option("parquet.enable.dictionary#image", "false")
+         .parquet(self.url(PARTS)))
+        for part in parts:
+            written = self.path / PARTS / f"{column}={part}"
+            if written.is_dir():
+                os.rename(written, self.path / part)
+                self.schemas[part] = df.drop(column).schema
+            else:
+                self.write(df.where(F.lit(False)).drop(column), part, 1)
+        shutil.rmtree(self.path / PARTS)
 
     def read(self, spark: SparkSession, part: str) -> DataFrame:
         """A part written by `write`, read back with the schema it was written with (Spark need not run a job to
