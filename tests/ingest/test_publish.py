@@ -78,3 +78,23 @@ def test_ingests_publishing_at_once_give_whole_versions_and_latest_is_the_newest
         manifest = read_manifest(tmp_path / "ds" / v).data
         assert (tmp_path / "ds" / v / "train" / "part-0.parquet").stat().st_size == manifest["rows"]
     assert not list((tmp_path / "ds").glob("_staging-*")) and not list((tmp_path / "ds").glob(".staging-*"))
+
+
+def test_write_parts_puts_each_value_in_its_own_folder_sorted_and_gives_an_empty_part_its_schema(spark, tmp_path):
+    rows = [(f"{i:04d}", bytes([i % 256]) * 8, "train" if i % 4 else "test") for i in range(200)]
+    df = spark.createDataFrame(rows, "id string, image binary, split string")
+    staging = Staging(str(tmp_path), "ds")
+    staging.write_parts(df, "split", ("train", "validation", "test"), files=3, row_group_bytes=1 << 20, sort_by="id")
+
+    assert sorted(p.name for p in staging.path.iterdir()) == ["test", "train", "validation"]  # no _parts left
+    for part, expected in (("train", 150), ("test", 50), ("validation", 0)):
+        back = staging.read(spark, part)
+        assert back.columns == ["id", "image"] and back.count() == expected
+    train_files = sorted((staging.path / "train").glob("*.parquet"))
+    assert 1 <= len(train_files) <= 3
+    import pyarrow.parquet as pq
+    for f in train_files:
+        ids = pq.read_table(f).column("id").to_pylist()
+        assert ids == sorted(ids) and all(int(i) % 4 for i in ids)
+    assert pq.read_schema(next((staging.path / "validation").glob("*.parquet"))).names == ["id", "image"]
+    staging.discard()
