@@ -1,6 +1,7 @@
 """`sparkvision ingest`: raw images -> validated, normalized, versioned Parquet dataset."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import time
@@ -39,13 +40,37 @@ def read_source(spark: SparkSession, cfg: Config) -> sources.Candidates:
     return sources.table_source(spark, src.path, src.path_column, src.label_column)
 
 
-def content_digest(splits: DataFrame, spec: ImageSpec, label_names: list[str], storage: str = "pixels") -> str:
-    """Order-independent digest of (id, content, label, split) for every row, plus shape, labels and how the images
-    are stored."""
+DIGEST_PARTS = 4  # the row hash's first 48 hex digits, as four sums of 12 digits each
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    """One written split, read back: its rows, those that are not oversampled copies, and its digest sums."""
+    rows: int
+    originals: int
+    sums: tuple[int, ...]
+
+
+def split_summaries(union: DataFrame) -> dict[str, SplitSummary]:
+    """split -> its rows, originals and the order-independent sums of a hash of (id, content, label, split) over its
+    rows, in one aggregate over the written splits (a `split` column beside SPLIT_COLUMNS)."""
     h = F.sha2(F.concat_ws("|", "id", "content_hash", "label_name", "split"), 256)
-    parts = [F.sum(F.conv(F.substring(h, 1 + 12 * i, 12), 16, 10).cast("decimal(38,0)")).alias(f"p{i}") for i in range(4)]
-    row = splits.agg(F.count(F.lit(1)).alias("n"), *parts).first()
-    text = f"{row['n']}|{'|'.join(str(row[f'p{i}']) for i in range(4))}|{spec.shape}|{','.join(label_names)}" + (f"|{storage}" if storage != "pixels" else "")
+    sums = [F.sum(F.conv(F.substring(h, 1 + 12 * i, 12), 16, 10).cast("decimal(38,0)")).alias(f"p{i}")
+            for i in range(DIGEST_PARTS)]
+    copies = F.col("id").contains("~")  # oversampled copies of a training row
+    rows = union.groupBy("split").agg(F.count(F.lit(1)).alias("n"), F.count(F.when(~copies, 1)).alias("originals"),
+                                      *sums).collect()
+    return {r["split"]: SplitSummary(int(r["n"]), int(r["originals"]), tuple(int(r[f"p{i}"]) for i in range(DIGEST_PARTS)))
+            for r in rows}
+
+
+def content_digest(summaries: list[SplitSummary], spec: ImageSpec, label_names: list[str],
+                   storage: str = "pixels") -> str:
+    """Order-independent digest of (id, content, label, split) for every row of the splits summarized, plus shape,
+    labels and how the images are stored."""
+    n = sum(s.rows for s in summaries)
+    sums = [sum(s.sums[i] for s in summaries) if summaries else None for i in range(DIGEST_PARTS)]
+    text = f"{n}|{'|'.join(str(x) for x in sums)}|{spec.shape}|{','.join(label_names)}" + (f"|{storage}" if storage != "pixels" else "")
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -241,23 +266,17 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
                         cand: sources.Candidates, sp: Splits) -> dict[str, Any]:
     """Read the staged output back, check `rows + quarantined + duplicates + left_out == seen` (left out: training
     rows that ingest.skew_classes dropped), build the manifest."""
-    written = {split: staging.read(spark, split) for split in SPLITS}
-    union = None
-    for split in SPLITS:
-        part = written[split].withColumn("split", F.lit(split))
-        union = part if union is None else union.unionByName(part)
-    quarantine = staging.read(spark, "quarantine")
-    copies = F.col("id").contains("~")  # oversampled copies of a training row
+    union = functools.reduce(DataFrame.unionByName, [staging.read(spark, split).withColumn("split", F.lit(split))
+                                                     for split in SPLITS])
     # independent read-backs, submitted together (see run_concurrently)
-    *split_rows, reason_rows, duplicates, digest = run_concurrently(
-        [lambda split=split: written[split].agg(F.count(F.lit(1)).alias("n"),
-                                                F.count(F.when(~copies, 1)).alias("originals")).first()
-         for split in SPLITS]
-        + [lambda: quarantine.groupBy("reason").count().collect(),
-           lambda: staging.read(spark, "duplicates").count(),
-           lambda: content_digest(union, spec, sp.label_names, storage_label(cfg.ingest))])
-    split_counts = {split: int(r["n"]) for split, r in zip(SPLITS, split_rows)}
-    rows = sum(int(r["originals"]) for r in split_rows)
+    summaries, reason_rows, duplicates = run_concurrently(
+        [lambda: split_summaries(union),
+         lambda: staging.read(spark, "quarantine").groupBy("reason").count().collect(),
+         lambda: staging.read(spark, "duplicates").count()])
+    empty = SplitSummary(0, 0, (0,) * DIGEST_PARTS)
+    split_counts = {split: summaries.get(split, empty).rows for split in SPLITS}
+    rows = sum(s.originals for s in summaries.values())
+    digest = content_digest(list(summaries.values()), spec, sp.label_names, storage_label(cfg.ingest))
     reasons = {r["reason"]: int(r["count"]) for r in reason_rows}
     quarantined = sum(reasons.values())
     if rows + quarantined + duplicates + sp.left_out != seen:
