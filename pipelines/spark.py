@@ -82,10 +82,12 @@ def get_spark(cfg: Config) -> SparkSession:
     # Under spark-submit (which sets PYSPARK_GATEWAY_PORT) its --master decides; otherwise the config does.
     if cfg.spark.master != "databricks" and "PYSPARK_GATEWAY_PORT" not in os.environ:
         builder = builder.master(master_url(cfg))
-    for key, value in spark_conf(cfg).items():
+    conf = spark_conf(cfg)
+    if not is_verbose():  # beside the user's own driver JVM options (spark.extra_conf), not instead of them
+        conf["spark.driver.extraJavaOptions"] = " ".join(
+            filter(None, [conf.get("spark.driver.extraJavaOptions"), QUIET_LOG4J_OPTION]))
+    for key, value in conf.items():
         builder = builder.config(key, value)
-    if not is_verbose():
-        builder = builder.config("spark.driver.extraJavaOptions", QUIET_LOG4J_OPTION)
     with keep_stop_handlers():  # the job's Ctrl-C handling, not PySpark's
         spark = builder.getOrCreate()
     on_stop("cancel Spark jobs", spark.sparkContext.cancelAllJobs)  # what PySpark's own Ctrl-C handler did
