@@ -40,6 +40,7 @@ class SparkConfig:
     master: str
     app_name: str
     driver_memory: str
+    driver_java_options: str
     executor_memory: str
     shuffle_partitions: int
     arrow_batch_size: int

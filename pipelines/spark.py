@@ -50,6 +50,13 @@ def spark_conf(cfg: Config) -> dict[str, str]:
     return conf
 
 
+def driver_java_options(cfg: Config, verbose: bool) -> str:
+    """The driver JVM's options: spark.driver_java_options, spark.extra_conf's spark.driver.extraJavaOptions, and
+    quiet logging unless verbose (beside the configured options, not instead of them)."""
+    own = [cfg.spark.driver_java_options, cfg.spark.extra_conf.get("spark.driver.extraJavaOptions", "")]
+    return " ".join(filter(None, [*own, "" if verbose else QUIET_LOG4J_OPTION]))
+
+
 def local_cores(master: str) -> int:
     """N for local[N] (this machine's cores for local[*]), 0 for a cluster master."""
     m = re.fullmatch(r"local(?:\[(\d+|\*)(?:,\d+)?\])?", master)
@@ -83,9 +90,8 @@ def get_spark(cfg: Config) -> SparkSession:
     if cfg.spark.master != "databricks" and "PYSPARK_GATEWAY_PORT" not in os.environ:
         builder = builder.master(master_url(cfg))
     conf = spark_conf(cfg)
-    if not is_verbose():  # beside the user's own driver JVM options (spark.extra_conf), not instead of them
-        conf["spark.driver.extraJavaOptions"] = " ".join(
-            filter(None, [conf.get("spark.driver.extraJavaOptions"), QUIET_LOG4J_OPTION]))
+    if driver_java_options(cfg, is_verbose()):
+        conf["spark.driver.extraJavaOptions"] = driver_java_options(cfg, is_verbose())
     for key, value in conf.items():
         builder = builder.config(key, value)
     with keep_stop_handlers():  # the job's Ctrl-C handling, not PySpark's

@@ -19,19 +19,21 @@ def test_executors_get_legacy_keras_and_arrow(spark):
 
 def test_a_session_started_from_python_prints_nothing_and_keeps_the_users_driver_jvm_options(tmp_path):
     """Quiet by default: starting the JVM from Python (the CLI's case) writes nothing to stderr; the quiet logging
-    option goes beside driver JVM options from spark.extra_conf, not instead of them."""
+    option goes beside the configured driver JVM options (spark.driver_java_options, spark.extra_conf), not instead
+    of them."""
     import subprocess
     import sys
 
-    own = 'spark.extra_conf={"spark.driver.extraJavaOptions": "-Dsparkvision.probe=kept"}'
+    own = ['spark.extra_conf={"spark.driver.extraJavaOptions": "-Dsparkvision.probe=kept"}',
+           "spark.driver_java_options=-Dsparkvision.own=too"]
     code = ("from pipelines.config import load_config; from pipelines.spark import get_spark; "
-            f"s = get_spark(load_config([], ['spark.master=local[1]', 'paths.datasets_root={tmp_path}/d', {own!r}])); "
-            "print(s.range(5).count(), s.sparkContext._jvm.java.lang.System.getProperty('sparkvision.probe')); "
-            "s.stop()")
+            f"s = get_spark(load_config([], ['spark.master=local[1]', 'paths.datasets_root={tmp_path}/d', *{own!r}])); "
+            "prop = s.sparkContext._jvm.java.lang.System.getProperty; "
+            "print(s.range(5).count(), prop('sparkvision.probe'), prop('sparkvision.own')); s.stop()")
     env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_GATEWAY_PORT", "SPARKVISION_VERBOSE")}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip() == "5 kept"
+    assert res.stdout.strip() == "5 kept too"
     assert res.stderr.strip() == "", res.stderr[-2000:]
 
 

@@ -20,7 +20,7 @@ from pipelines.config import Config, resolve_path
 from pipelines.console import say
 from pipelines.environment import TASK_RUN_FILE_VAR, child_env
 from pipelines.secrets import redact
-from pipelines.spark import QUIET_LOG4J_OPTION
+from pipelines.spark import driver_java_options
 from pipelines.workflow.definition import Task, Workflow, substitute
 
 SUCCESS, FAILED, TIMED_OUT, UPSTREAM_FAILED, CANCELLED, REUSED, EXCLUDED = (
@@ -149,8 +149,10 @@ class WorkflowRunner:
             extra.append("--verbose")
         if task.python_file is not None:
             sc = self.cfg.spark
-            quiet = [] if self.verbose else ["--driver-java-options", QUIET_LOG4J_OPTION]  # no INFO in task logs
-            return [self._spark_submit(), "--master", sc.master, "--driver-memory", sc.driver_memory, *quiet,
+            # spark-submit starts the JVM before the job's code runs: its options (quiet: no INFO in task logs) go here
+            options = driver_java_options(self.cfg, self.verbose)
+            java = ["--driver-java-options", options] if options else []
+            return [self._spark_submit(), "--master", sc.master, "--driver-memory", sc.driver_memory, *java,
                     "--conf", f"spark.pyspark.python={sys.executable}", str(task.python_file), *params, *extra]
         return [sys.executable, "-m", "pipelines.cli", *params, *extra]
 

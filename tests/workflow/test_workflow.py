@@ -321,3 +321,15 @@ def test_a_tasks_conf_files_keep_the_order_they_were_given_in(cfg_factory):
     command = runner.command(wf.tasks["train"], {"ingest": {"dataset": "photos/v0001"}})
     confs = [command[i + 1] for i, arg in enumerate(command) if arg == "--conf" and command[i + 1].endswith(".yaml")]
     assert confs == ["conf/local.yaml", "conf/profiles/photos.yaml"]
+
+
+def test_a_spark_tasks_driver_jvm_gets_the_configured_options_beside_quiet_logging(cfg_factory):
+    """spark-submit starts the driver's JVM before the job's code reads its config: the runner passes
+    spark.driver_java_options there, with the quiet-logging option after it (and without it under --verbose)."""
+    wf = load_workflow(ROOT / "jobs/workflows/fashion_mnist.yaml")
+    cfg = cfg_factory("spark.driver_java_options=-XX:TieredStopAtLevel=1")
+    for verbose, expected in ((False, ["-XX:TieredStopAtLevel=1", "-Dlog4j.configurationFile="]),
+                              (True, ["-XX:TieredStopAtLevel=1"])):
+        command = WorkflowRunner(cfg, wf, [], [], verbose=verbose).command(wf.tasks["ingest"], {})
+        options = command[command.index("--driver-java-options") + 1].split()
+        assert [o.split("=")[0] + "=" if o.startswith("-Dlog4j") else o for o in options] == expected
