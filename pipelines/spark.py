@@ -24,7 +24,8 @@ QUIET_LOG4J_OPTION = f"-Dlog4j.configurationFile={Path(__file__).with_name('log4
 
 
 def spark_conf(cfg: Config) -> dict[str, str]:
-    """Spark settings derived from config: memory, Arrow, petastorm's cache, executor environment."""
+    """Spark settings derived from config: memory, Arrow, petastorm's cache, executor environment, driver JVM
+    options."""
     conf = {
         "spark.driver.memory": cfg.spark.driver_memory,
         "spark.executor.memory": cfg.spark.executor_memory,
@@ -47,6 +48,9 @@ def spark_conf(cfg: Config) -> dict[str, str]:
     if slots:  # local[N]: N Python workers share this machine's cores
         conf["spark.executorEnv.SPARKVISION_TF_THREADS"] = str(max(1, (os.cpu_count() or 1) // slots))
     conf.update(cfg.spark.extra_conf)
+    java_options = driver_java_options(cfg, is_verbose())
+    if java_options:
+        conf["spark.driver.extraJavaOptions"] = java_options
     return conf
 
 
@@ -89,10 +93,7 @@ def get_spark(cfg: Config) -> SparkSession:
     # Under spark-submit (which sets PYSPARK_GATEWAY_PORT) its --master decides; otherwise the config does.
     if cfg.spark.master != "databricks" and "PYSPARK_GATEWAY_PORT" not in os.environ:
         builder = builder.master(master_url(cfg))
-    conf = spark_conf(cfg)
-    if driver_java_options(cfg, is_verbose()):
-        conf["spark.driver.extraJavaOptions"] = driver_java_options(cfg, is_verbose())
-    for key, value in conf.items():
+    for key, value in spark_conf(cfg).items():
         builder = builder.config(key, value)
     with keep_stop_handlers():  # the job's Ctrl-C handling, not PySpark's
         spark = builder.getOrCreate()

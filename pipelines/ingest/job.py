@@ -69,7 +69,7 @@ def content_digest(summaries: list[SplitSummary], spec: ImageSpec, label_names: 
     """Order-independent digest of (id, content, label, split) for every row of the splits summarized, plus shape,
     labels and how the images are stored."""
     n = sum(s.rows for s in summaries)
-    sums = [sum(s.sums[i] for s in summaries) if summaries else None for i in range(DIGEST_PARTS)]
+    sums = [sum(s.sums[i] for s in summaries) for i in range(DIGEST_PARTS)]
     text = f"{n}|{'|'.join(str(x) for x in sums)}|{spec.shape}|{','.join(label_names)}" + (f"|{storage}" if storage != "pixels" else "")
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
@@ -273,8 +273,7 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
         [lambda: split_summaries(union),
          lambda: staging.read(spark, "quarantine").groupBy("reason").count().collect(),
          lambda: staging.read(spark, "duplicates").count()])
-    empty = SplitSummary(0, 0, (0,) * DIGEST_PARTS)
-    split_counts = {split: summaries.get(split, empty).rows for split in SPLITS}
+    split_counts = {split: summaries[split].rows if split in summaries else 0 for split in SPLITS}
     rows = sum(s.originals for s in summaries.values())
     digest = content_digest(list(summaries.values()), spec, sp.label_names, storage_label(cfg.ingest))
     reasons = {r["reason"]: int(r["count"]) for r in reason_rows}

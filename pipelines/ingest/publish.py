@@ -61,17 +61,10 @@ class Staging:
     def url(self, part: str) -> str:
         return (self.path / part).as_uri()
 
-    def write(self, df: DataFrame, part: str, files: int, row_group_bytes: int | None = None,
-              sort_by: str | None = None) -> None:
+    def write(self, df: DataFrame, part: str, files: int) -> None:
+        """`df` into `files` Parquet files under `part`."""
         df = df.repartition(files)
-        writer = (df.sortWithinPartitions(sort_by) if sort_by else df).write.mode("error")
-        if row_group_bytes:
-            # parquet-mr measures a row group's size only every 100 rows at first, and a dictionary-encoded column's
-            # size not until the dictionary gives up: large photos need row groups of fewer rows to shard
-            writer = (writer.option("parquet.block.size", str(row_group_bytes))
-                      .option("parquet.page.size.row.check.min", "1")
-                      .option("parquet.enable.dictionary#image", "false"))
-        writer.parquet(self.url(part))
+        df.write.mode("error").parquet(self.url(part))
         self.schemas[part] = df.schema
 
     def write_parts(self, df: DataFrame, column: str, parts: tuple[str, ...], files: int, row_group_bytes: int,
@@ -81,9 +74,11 @@ class Staging:
         with no rows still gets its folder and a file holding the schema."""
         bucket = F.pmod(F.xxhash64(sort_by), F.lit(files))
         spread = df.repartition(len(parts) * files, column, bucket).sortWithinPartitions(column, sort_by)
+        # parquet-mr measures a row group's size only every 100 rows at first, and a dictionary-encoded column's size
+        # not until the dictionary gives up: large photos need row groups of fewer rows to shard
         (spread.write.mode("error").partitionBy(column)
          .option("parquet.block.size", str(row_group_bytes))
-         .option("parquet.page.size.row.check.min", "1")  # see write: row groups of large photos
+         .option("parquet.page.size.row.check.min", "1")
          .option("parquet.enable.dictionary#image", "false")
          .parquet(self.url(PARTS)))
         for part in parts:
