@@ -51,6 +51,12 @@ DECODED_SCHEMA = T.StructType([
 
 # ------------------------------------------------------------------------------------------------ config
 
+# Every task that reads raw files pays a fixed cost (a Python worker's set-up and clean-up, an output file committed):
+# at most about this many tasks per slot, however many files, so that cost does not grow with them.
+TASKS_PER_SLOT = 4
+MIN_FILES_PER_TASK = 256  # fewer files than this per task: fewer tasks instead
+
+
 def image_spec(cfg: Config, shape: tuple[int, int, int] | None = None) -> ImageSpec:
     """The canonical pixel format from ingest.image (or `shape`, a model's input, with ingest's resize policy)."""
     im = cfg.ingest.image
@@ -67,11 +73,24 @@ def file_read_settings(cfg: Config, slots: int) -> dict[str, str]:
         # Spark plans file splits as if each file cost 4 MB to open: for small photos that is one task per
         # ~30 files. Count 64 KB, so tasks hold hundreds of photos each.
         "spark.sql.files.openCostInBytes": str(64 * 1024),
-        # Every task pays a fixed cost (a Python worker's set-up and clean-up, an output file committed): at most
-        # about four tasks per slot, however many photos, so that cost does not grow with them and the last round
-        # of tasks stays short.
-        "spark.sql.files.maxPartitionNum": str(4 * slots),
+        "spark.sql.files.maxPartitionNum": str(TASKS_PER_SLOT * slots),
     }
+
+
+def decode_tasks(files: int | None, slots: int) -> int:
+    """How many tasks decode `files` files (None: not known) that the Python workers read themselves: a multiple of
+    the slots, so every round of tasks keeps every slot busy, at most TASKS_PER_SLOT per slot, and no fewer than about
+    MIN_FILES_PER_TASK files in a task while there are more tasks than slots."""
+    rounds = TASKS_PER_SLOT if files is None else files // (slots * MIN_FILES_PER_TASK)
+    return slots * max(1, min(TASKS_PER_SLOT, rounds))
+
+
+def spread_for_decoding(rows: DataFrame, files: int | None) -> DataFrame:
+    """Candidates whose files the Python workers read (no `content`), hash-partitioned by path into decode_tasks
+    tasks of about equal file counts. Spark packs a file listing into tasks by bytes, largest files first: tasks of
+    unequal photo counts and a short last one, a slot left idle while the longest finishes; a table of paths may be a
+    single task. Only paths move in the shuffle."""
+    return rows.repartition(decode_tasks(files, rows.sparkSession.sparkContext.defaultParallelism), "path")
 
 
 # ----------------------------------------------------------------------------------------------- listing
@@ -86,6 +105,7 @@ def qualified_path(spark: SparkSession, path: str) -> str:
 @dataclass
 class LocalWalk:
     """What walking a local root finds besides the files Spark lists as images."""
+    images: int                # image files, empty ones included
     hidden: int                # under a name Spark never lists (leading '.' or '_')
     not_images: int            # other extensions, which ingest skips
     empty: list[str]           # zero-length image files, which Spark's file scan drops
@@ -97,7 +117,7 @@ def walk_local(root: str) -> LocalWalk | None:
     local = root[len("file:"):] if root.startswith("file:") else root
     if "://" in local or not os.path.isdir(local):
         return None
-    found = LocalWalk(0, 0, [])
+    found = LocalWalk(0, 0, 0, [])
     for dirpath, _dirnames, filenames in os.walk(local):
         rel = os.path.relpath(dirpath, local)
         in_hidden_dir = any(p.startswith((".", "_")) for p in Path(rel).parts if p != ".")
@@ -107,8 +127,10 @@ def walk_local(root: str) -> LocalWalk | None:
                 found.hidden += 1
             elif reason == "not_image_extension":
                 found.not_images += 1
-            elif os.path.getsize(os.path.join(dirpath, f)) == 0:
-                found.empty.append(os.path.join(os.path.abspath(dirpath), f))
+            else:
+                found.images += 1
+                if os.path.getsize(os.path.join(dirpath, f)) == 0:
+                    found.empty.append(os.path.join(os.path.abspath(dirpath), f))
     return found
 
 
@@ -146,6 +168,8 @@ def list_folder(spark: SparkSession, root: str) -> tuple[DataFrame, dict[str, in
         F.lit(None).cast("string").alias("source_split"),
         F.lit(None).cast("binary").alias("content") if local else F.col("content"),
         F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
+    if local:
+        rows = spread_for_decoding(rows, walk.images if walk else None)
     return rows, {"hidden": hidden, "not_image_extension": not_images}
 
 

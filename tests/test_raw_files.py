@@ -5,11 +5,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from pyspark.sql import functions as F
 
 from pipelines.errors import PipelineError
 from pipelines.images import EMPTY_FILE, NOT_AN_IMAGE
-from pipelines.raw_files import (MISSING_FILE, RAW_SCHEMA, decode_batches, decode_candidates, image_spec, list_files,
-                                 list_folder, list_glob)
+from pipelines.raw_files import (MISSING_FILE, RAW_SCHEMA, decode_batches, decode_candidates, decode_tasks, image_spec,
+                                 list_files, list_folder, list_glob)
 from tests.fixtures import photo
 
 
@@ -78,3 +79,23 @@ def test_candidates_decode_on_the_executors(spark, tree, cfg_factory):
     reasons = {r["reason"]: r["n"] for r in decoded.groupBy("reason").count().withColumnRenamed("count", "n").collect()}
     assert reasons == {None: 4, EMPTY_FILE: 1}
     assert decoded.where("reason is null").selectExpr("min(length(image))", "max(length(image))").first() == (768, 768)
+
+
+def test_decode_tasks_fill_every_slot_and_hold_at_least_a_few_hundred_files_each():
+    assert decode_tasks(10_000, 2) == 8 and decode_tasks(10_000_000, 16) == 64   # at most four per slot
+    assert decode_tasks(1_100, 2) == 4 and decode_tasks(300, 2) == 2 == decode_tasks(0, 2)
+    assert decode_tasks(None, 3) == 12                                         # a table of paths: count unknown
+    assert all(decode_tasks(n, 3) % 3 == 0 for n in (0, 700, 5_000, 90_000))
+
+
+def test_a_folder_of_unequal_files_is_decoded_in_tasks_of_equal_file_counts(spark, tmp_path):
+    """Spark packs files into scan tasks by bytes, largest first: here one task would hold the few big files and
+    another the many small ones. Local files are spread by path instead."""
+    root = tmp_path / "sizes"
+    for i in range(1200):
+        (root / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / f"c{i % 3}" / f"{i}.jpg").write_bytes(b"x" * (200_000 if i < 100 else 100))
+    rows, _ = list_folder(spark, str(root))
+    counts = [r["count"] for r in rows.groupBy(F.spark_partition_id()).count().collect()]
+    assert len(counts) == decode_tasks(1200, spark.sparkContext.defaultParallelism) == 4
+    assert min(counts) > 0.8 * 300 and max(counts) < 1.2 * 300

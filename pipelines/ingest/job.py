@@ -134,12 +134,13 @@ def _decode_and_publish(spark: SparkSession, cfg: Config, cand: sources.Candidat
     with step("ingest", "decoding and validating on the executors") as s, \
             spark_task_progress(spark, "ingest", "decoding"):
         decoded = decode_to_scratch(spark, cand, spec, allowed, staging)
+        valid = decoded.where(F.col("reason").isNull())
         # independent: submitted together (see run_concurrently)
-        seen, dd = run_concurrently([decoded.count, lambda: prepare.dedupe(decoded.where(F.col("reason").isNull()))])
+        seen, dd, labels = run_concurrently([decoded.count, lambda: prepare.dedupe(valid),
+                                             lambda: prepare.label_counts(valid)])
         if seen == 0:
             raise PipelineError(f"no image files found in {ic.source.path}")
         unique = dd.unique.withColumn("id", F.substring("content_hash", 1, 32))
-        labels = prepare.label_counts(unique)
         n_unique = sum(labels.per_label.values())
         if n_unique == 0:
             reasons = {r["reason"]: r["count"] for r in decoded.groupBy("reason").count().collect()}

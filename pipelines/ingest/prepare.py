@@ -87,10 +87,15 @@ class LabelCounts:
     has_own_test: bool         # the source marked some rows as its own test set
 
 
-def label_counts(unique: DataFrame) -> LabelCounts:
-    """Rows per label and whether the source brought its own test set, in one aggregate over hashes and labels."""
+def label_counts(valid: DataFrame) -> LabelCounts:
+    """Rows per label that dedupe keeps (one per content hash found under a single label) and whether the source
+    brought its own test set, in one aggregate over hashes and labels of the valid rows: it needs nothing from
+    dedupe, so the two run side by side."""
     own_test = F.coalesce(F.col("source_split") == "test", F.lit(False))
-    rows = unique.groupBy("label").agg(F.count(F.lit(1)).alias("n"), F.max(own_test).alias("own_test")).collect()
+    per_hash = valid.groupBy("content_hash").agg(F.min("label").alias("label"), F.max("label").alias("last"),
+                                                 F.max(own_test).alias("own_test"))
+    rows = (per_hash.where(F.col("label") == F.col("last")).groupBy("label")
+            .agg(F.count(F.lit(1)).alias("n"), F.max("own_test").alias("own_test")).collect())
     return LabelCounts({r["label"]: int(r["n"]) for r in rows}, any(r["own_test"] for r in rows))
 
 

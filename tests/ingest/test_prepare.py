@@ -38,6 +38,8 @@ def test_both_dedupe_paths_agree(spark, monkeypatch):
     assert len(unique) + len(conflicts) + len(duplicates) == len(rows)
     assert len(conflicts) == 7 and len(duplicates) == 9  # content 6 has a same-label copy and a clash: 3 quarantined
     assert ("/d/copy0.png", "/d/0.png") in duplicates  # the source's own test copy is the one kept
+    kept = prepare.dedupe(df).unique.groupBy("label").count().collect()
+    assert prepare.label_counts(df).per_label == {r["label"]: r["count"] for r in kept}  # counted without dedupe
 
 
 def test_split_cuts_match_a_percent_rank_over_every_row(spark):
