@@ -15,7 +15,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.errors import PipelineError
-from pipelines.raw_files import RAW_SCHEMA, list_folder, qualified_path
+from pipelines.raw_files import RAW_SCHEMA, list_folder, qualified_path, spread_for_decoding
 
 
 @dataclass(frozen=True)
@@ -170,4 +170,4 @@ def table_source(spark: SparkSession, path: str, path_column: str, label_column:
     rows = listed.select("path", "label", F.lit(None).cast("string").alias("source_split"),
                          F.lit(None).cast("binary").alias("content"),  # read by the Python workers
                          F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
-    return Candidates(rows, {}, {"type": "table", "path": path})
+    return Candidates(spread_for_decoding(rows, None), {}, {"type": "table", "path": path})

@@ -8,8 +8,9 @@ import pytest
 from pipelines.config import ConfigError
 from pipelines.dataset.contract import SPLITS, latest_version, resolve_dataset
 from pipelines.errors import PipelineError
-from pipelines.ingest import job as ingest_job
+from pipelines.ingest import job as ingest_job, sources
 from pipelines.ingest.job import run_ingest
+from pipelines.raw_files import decode_tasks
 from tests.fixtures import build_image_tree, write_idx_slice
 
 pytestmark = pytest.mark.slow
@@ -231,6 +232,8 @@ def test_table_source_reads_a_csv_manifest(spark, cfg_factory, tree, tmp_path):
     assert out["counts"]["rows"] == 3
     assert out["counts"]["quarantine_reasons"] == {"missing_file": 1}
     assert json.loads(json.dumps(out))["version"] == "v0001"
+    listed = sources.table_source(spark, str(csv), "file", "kind").rows  # one CSV file: one task, unless spread
+    assert listed.rdd.getNumPartitions() == decode_tasks(None, spark.sparkContext.defaultParallelism)
 
 
 def test_a_skewed_ingest_cuts_the_named_classes_in_training_only(spark, cfg_factory, tmp_path):
