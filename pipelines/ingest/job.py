@@ -179,13 +179,15 @@ def split_and_measure(unique: DataFrame, labels: prepare.LabelCounts, ic: Ingest
     named = ic.source.idx_label_names if ic.source.type == "idx" else allowed
     label_names = [n for n in (named or present) if n in present] + sorted(set(present) - set(named or present))
     label_ids = {name: i for i, name in enumerate(label_names)}
-    assigned = labelled_splits(unique, ic, label_names, labels.has_own_test)
-    totals = prepare.class_totals(assigned, spec.channels)
-    per_class = {key: t.n for key, t in totals.items()}
+    check_skew_classes(ic, label_names)
+    kept = prepare.skew_kept(ic.skew_classes, ic.skew_fraction, label="label") if ic.skew_classes else None
+    plan = prepare.plan_splits(unique, ic.split.validation, ic.split.test, labels.has_own_test, spec.channels, kept)
+    assigned = labelled_splits(unique, ic, label_names, plan.cuts)
+    per_class = {key: t.n for key, t in plan.totals.items()}
     train_counts = {name: per_class.get(("train", name), 0) for name in label_names}
     if sum(train_counts.values()) == 0:
         raise PipelineError("the training split is empty: lower ingest.split.validation / ingest.split.test")
-    mean, std = prepare.channel_stats([t for (split, _), t in totals.items() if split == "train"],
+    mean, std = prepare.channel_stats([t for (split, _), t in plan.totals.items() if split == "train"],
                                       spec.height * spec.width, spec.channels)
     rows = assigned
     if ic.balance == "oversample":
@@ -247,20 +249,25 @@ def labels_found(per_class: dict[tuple[str, str], int], label_names: list[str], 
     return f"{len(label_names)} label{'s' if len(label_names) != 1 else ''}: {listed}{more}"
 
 
-def labelled_splits(unique: DataFrame, ic: IngestConfig, label_names: list[str], has_own_test: bool) -> DataFrame:
+def check_skew_classes(ic: IngestConfig, label_names: list[str]) -> None:
+    """ingest.skew_classes must name labels that were found."""
+    unknown = sorted(set(ic.skew_classes or []) - set(label_names))
+    if unknown:
+        raise ConfigError(f"ingest.skew_classes: {', '.join(unknown)} not among the labels found "
+                          f"({', '.join(label_names)})")
+
+
+def labelled_splits(unique: DataFrame, ic: IngestConfig, label_names: list[str],
+                    cuts: dict[str, tuple[str, str]]) -> DataFrame:
     """Unique rows with their split, label id and name; the training split skewed when ingest.skew_classes asks."""
     id_map = F.create_map(*[x for i, name in enumerate(label_names) for x in (F.lit(name), F.lit(i))])
-    assigned = (prepare.assign_splits(unique, ic.split.validation, ic.split.test, has_own_test)
+    assigned = (prepare.assign_splits(unique, cuts)
                 .withColumn("label_name", F.col("label"))
                 .withColumn("label", id_map.getItem(F.col("label_name")).cast("int"))
                 .withColumnRenamed("path", "source_path"))
     if not ic.skew_classes:
         return assigned
-    unknown = sorted(set(ic.skew_classes) - set(label_names))
-    if unknown:
-        raise ConfigError(f"ingest.skew_classes: {', '.join(unknown)} not among the labels found "
-                          f"({', '.join(label_names)})")
-    return prepare.skew_training_split(assigned, ic.skew_classes, ic.skew_fraction)
+    return assigned.where(prepare.skew_kept(ic.skew_classes, ic.skew_fraction))
 
 
 def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec: ImageSpec, seen: int,

@@ -68,17 +68,49 @@ def dedupe(valid: DataFrame) -> Deduped:
 NO_CUT = "~"  # sorts after every hex digest: "no row of this class starts the next split"
 
 
-def split_cuts(keys: DataFrame, validation: float, test: float) -> dict[str, tuple[str, str]]:
-    """label -> (first content hash of validation, first content hash of train), from hashes and labels only.
+@dataclass(frozen=True)
+class ClassTotals:
+    n: int               # rows
+    sums: list[float]    # per channel: sum of pixel values scaled to [0, 1]
+    sumsqs: list[float]  # per channel: sum of their squares
 
-    Within each class rows are ordered by content hash and ranked (percent_rank); the first `test` fraction
-    is test, the next `validation` fraction validation. Two hashes per class come back to the driver.
-    """
-    ranked = keys.withColumn("_q", F.percent_rank().over(Window.partitionBy("label").orderBy("content_hash")))
-    first = lambda cond: F.min(F.when(cond, F.col("content_hash")))  # noqa: E731
-    rows = ranked.groupBy("label").agg(first(F.col("_q") >= test).alias("validation_from"),
-                                       first(F.col("_q") >= test + validation).alias("train_from")).collect()
-    return {r["label"]: (r["validation_from"] or NO_CUT, r["train_from"] or NO_CUT) for r in rows}
+
+@dataclass(frozen=True)
+class SplitPlan:
+    cuts: dict[str, tuple[str, str]]             # label -> (first content hash of validation, of train)
+    totals: dict[tuple[str, str], ClassTotals]  # (split, label) -> its rows and per-channel pixel sums
+
+
+def plan_splits(unique: DataFrame, validation: float, test: float, has_own_test: bool, channels: int,
+                kept: F.Column | None = None) -> SplitPlan:
+    """Class-stratified splits from the content hash and what each (split, class) will hold, in one window and
+    aggregate over hashes, labels and per-image sums (no pixels move).
+
+    Within each class rows are ordered by content hash and ranked (percent_rank); the first `test` fraction is
+    test, the next `validation` fraction validation, the rest train. Rows a source marked as its own test set
+    (`has_own_test`: there are some, from label_counts) stay test, ranked apart, and then `test` is not taken from
+    the rest. Two cut hashes per class come back to the driver, for assign_splits to label rows in place. The
+    totals count the rows `kept` keeps (a condition on `split` and `label`: ingest.skew_classes), the cuts all."""
+    own = F.coalesce(F.col("source_split") == "test", F.lit(False))
+    q = F.col("_q")
+    test = 0.0 if has_own_test else test
+    ranked = (unique.withColumn("_q", F.percent_rank().over(Window.partitionBy("label", own).orderBy("content_hash")))
+              .withColumn("split", F.when(own | (q < test), "test").when(q < test + validation, "validation")
+                          .otherwise("train")))
+    keep = F.lit(True) if kept is None else kept
+    aggs = [F.min(F.when(~own, F.col("content_hash"))).alias("first"), F.count(F.when(keep, 1)).alias("n")]
+    for c in range(channels):
+        aggs += [F.sum(F.when(keep, F.col("pixel_sum").getItem(c))).alias(f"s{c}"),
+                 F.sum(F.when(keep, F.col("pixel_sumsq").getItem(c))).alias(f"q{c}")]
+    rows = ranked.groupBy("split", "label").agg(*aggs).collect()
+    first = {(r["split"], r["label"]): r["first"] for r in rows}
+    cut = lambda *keys: min((first[k] for k in keys if first.get(k)), default=NO_CUT)  # noqa: E731
+    cuts = {r["label"]: (cut(("validation", r["label"]), ("train", r["label"])), cut(("train", r["label"])))
+            for r in rows}
+    totals = {(r["split"], r["label"]): ClassTotals(int(r["n"]), [r[f"s{c}"] or 0.0 for c in range(channels)],
+                                                    [r[f"q{c}"] or 0.0 for c in range(channels)])
+              for r in rows if r["n"]}
+    return SplitPlan(cuts, totals)
 
 
 @dataclass(frozen=True)
@@ -99,19 +131,12 @@ def label_counts(valid: DataFrame) -> LabelCounts:
     return LabelCounts({r["label"]: int(r["n"]) for r in rows}, any(r["own_test"] for r in rows))
 
 
-def assign_splits(unique: DataFrame, validation: float, test: float, has_own_test: bool) -> DataFrame:
-    """Deterministic, class-stratified split from the content hash (see split_cuts).
-
-    Rows a source marked as its own test set stay test (`has_own_test`: there are some, from label_counts), and
-    then the `test` fraction is not taken from the rest. Rows are compared with their class's cut hashes in place:
-    no pixels are shuffled.
-    """
-    own_test = F.col("source_split") == "test"
-    pool = unique.where(~own_test | F.col("source_split").isNull())
-    cuts = split_cuts(pool.select("label", "content_hash"), validation, 0.0 if has_own_test else test)
+def assign_splits(unique: DataFrame, cuts: dict[str, tuple[str, str]]) -> DataFrame:
+    """Each row's split (see plan_splits), by comparing its content hash with its class's cut hashes in place: no
+    job, no pixels shuffled."""
     cut_map = lambda i: F.create_map(*[x for label, c in cuts.items() for x in (F.lit(label), F.lit(c[i]))])  # noqa: E731
     h = F.col("content_hash")
-    split = (F.when(own_test, "test")
+    split = (F.when(F.col("source_split") == "test", "test")
              .when(h < cut_map(0).getItem(F.col("label")), "test")
              .when(h < cut_map(1).getItem(F.col("label")), "validation")
              .otherwise("train"))
@@ -124,13 +149,14 @@ def class_weights(counts: dict[str, int], label_ids: dict[str, int]) -> dict[int
     return {label_ids[name]: (total / (k * counts[name]) if counts.get(name) else 0.0) for name in label_ids}
 
 
-def skew_training_split(assigned: DataFrame, classes: list[str], fraction: float) -> DataFrame:
-    """Keep only `fraction` of the training rows of `classes` (a deliberately imbalanced split for the FAQ's class
-    imbalance question), chosen by content hash so a rerun keeps the same rows; other splits are untouched."""
+def skew_kept(classes: list[str], fraction: float, label: str = "label_name") -> F.Column:
+    """Whether a row stays when only `fraction` of the training rows of `classes` are kept (a deliberately imbalanced
+    split for the FAQ's class imbalance question), chosen by content hash so a rerun keeps the same rows; other
+    splits are untouched. Uses the columns split, id and `label`."""
     # a hash of its own: the split itself was drawn from the content hash, so its digits are not uniform within a split
     keep = F.pmod(F.xxhash64("id", F.lit("skew")), F.lit(1_000_000)) < fraction * 1_000_000
-    cut = (F.col("split") == "train") & F.col("label_name").isin(classes)
-    return assigned.where(~cut | keep)
+    cut = (F.col("split") == "train") & F.col(label).isin(classes)
+    return ~cut | keep
 
 
 def oversample(train: DataFrame, counts: dict[str, int]) -> DataFrame:
@@ -148,24 +174,6 @@ def oversample(train: DataFrame, counts: dict[str, int]) -> DataFrame:
     return (out.withColumn("id", F.when(F.col("_copy") == 0, F.col("id"))
                            .otherwise(F.concat(F.col("id"), F.lit("~"), F.col("_copy").cast("string"))))
             .drop("_copy"))
-
-
-@dataclass(frozen=True)
-class ClassTotals:
-    n: int               # rows
-    sums: list[float]    # per channel: sum of pixel values scaled to [0, 1]
-    sumsqs: list[float]  # per channel: sum of their squares
-
-
-def class_totals(assigned: DataFrame, channels: int) -> dict[tuple[str, str], ClassTotals]:
-    """(split, label_name) -> rows and per-channel pixel sums, from the per-image sums in one aggregate: the
-    counts of every class in every split and the inputs of channel_stats, with no pixels moved."""
-    aggs = [F.count(F.lit(1)).alias("n")]
-    for c in range(channels):
-        aggs += [F.sum(F.col("pixel_sum").getItem(c)).alias(f"s{c}"), F.sum(F.col("pixel_sumsq").getItem(c)).alias(f"q{c}")]
-    return {(r["split"], r["label_name"]): ClassTotals(int(r["n"]), [r[f"s{c}"] or 0.0 for c in range(channels)],
-                                                       [r[f"q{c}"] or 0.0 for c in range(channels)])
-            for r in assigned.groupBy("split", "label_name").agg(*aggs).collect()}
 
 
 def channel_stats(totals: list[ClassTotals], pixels_per_image: int, channels: int) -> tuple[list[float], list[float]]:

@@ -45,7 +45,8 @@ def test_both_dedupe_paths_agree(spark, monkeypatch):
 def test_split_cuts_match_a_percent_rank_over_every_row(spark):
     rows = [(f"/d/{i}.png", f"c{i % 4}", None, digest(i)) for i in range(403)]
     df = rows_frame(spark, rows)
-    got = {r["path"]: r["split"] for r in prepare.assign_splits(df, 0.15, 0.2, has_own_test=False).collect()}
+    plan = prepare.plan_splits(df, 0.15, 0.2, has_own_test=False, channels=0)
+    got = {r["path"]: r["split"] for r in prepare.assign_splits(df, plan.cuts).collect()}
     q = F.percent_rank().over(Window.partitionBy("label").orderBy("content_hash"))
     ref = df.withColumn("_q", q).withColumn(
         "split", F.when(F.col("_q") < 0.2, "test").when(F.col("_q") < 0.35, "validation").otherwise("train"))
@@ -53,11 +54,12 @@ def test_split_cuts_match_a_percent_rank_over_every_row(spark):
     counts = {}
     for path, split in got.items():
         label = f"c{int(path.split('/')[-1].split('.')[0]) % 4}"
-        counts[(label, split)] = counts.get((label, split), 0) + 1
+        counts[(split, label)] = counts.get((split, label), 0) + 1
+    assert {k: t.n for k, t in plan.totals.items()} == counts  # the plan's totals are what the cuts assign
     for label in ("c0", "c1", "c2", "c3"):  # stratified: every class split about 20/15/65
-        total = sum(v for (lab, _), v in counts.items() if lab == label)
-        assert abs(counts[(label, "test")] - 0.2 * total) <= 1.5
-        assert abs(counts[(label, "validation")] - 0.15 * total) <= 1.5
+        total = sum(v for (_, lab), v in counts.items() if lab == label)
+        assert abs(counts[("test", label)] - 0.2 * total) <= 1.5
+        assert abs(counts[("validation", label)] - 0.15 * total) <= 1.5
     assert len(got) == 403
 
 
@@ -67,24 +69,39 @@ def test_a_source_with_its_own_test_set_keeps_it(spark):
     counts = prepare.label_counts(df)
     assert counts == prepare.LabelCounts({"c0": 25, "c1": 25}, has_own_test=True)
     assert not prepare.label_counts(df.where("source_split is null")).has_own_test
-    got = {r["path"]: r["split"] for r in prepare.assign_splits(df, 0.1, 0.3, counts.has_own_test).collect()}
+    plan = prepare.plan_splits(df, 0.1, 0.3, counts.has_own_test, channels=0)
+    got = {r["path"]: r["split"] for r in prepare.assign_splits(df, plan.cuts).collect()}
     assert {p for p, s in got.items() if s == "test"} == {f"/d/{i}.png" for i in range(10)}
     assert sum(s == "validation" for s in got.values()) in (4, 5, 6)
+    assert sum(t.n for (s, _), t in plan.totals.items() if s == "test") == 10
 
 
-def test_class_totals_count_every_class_and_give_the_training_split_statistics(spark):
+def test_the_plan_counts_every_class_and_gives_the_training_split_statistics(spark):
     import numpy as np
 
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, size=(40, 6, 3)).astype(np.float64) / 255  # 40 images of 6 pixels, 3 channels
-    split = ["train" if i % 4 else "test" for i in range(40)]
-    rows = [(split[i], f"c{i % 3}", images[i].sum(0).tolist(), (images[i] ** 2).sum(0).tolist()) for i in range(40)]
-    df = spark.createDataFrame(rows, "split string, label_name string, pixel_sum array<double>, "
-                                     "pixel_sumsq array<double>")
-    totals = prepare.class_totals(df, 3)
+    rows = [(f"/d/{i}.png", f"c{i % 3}", "test" if i % 4 == 0 else None, digest(i), images[i].sum(0).tolist(),
+             (images[i] ** 2).sum(0).tolist()) for i in range(40)]
+    df = spark.createDataFrame(rows, "path string, label string, source_split string, content_hash string, "
+                                     "pixel_sum array<double>, pixel_sumsq array<double>")
+    totals = prepare.plan_splits(df, 0.0, 0.5, has_own_test=True, channels=3).totals  # own test set: the rest trains
+    split = ["test" if i % 4 == 0 else "train" for i in range(40)]
     assert {k: t.n for k, t in totals.items()} == {
         (s, f"c{c}"): sum(1 for i in range(40) if split[i] == s and i % 3 == c) for s in ("train", "test") for c in range(3)}
     mean, std = prepare.channel_stats([t for (s, _), t in totals.items() if s == "train"], 6, 3)
     train = images[[i for i in range(40) if split[i] == "train"]].reshape(-1, 3)
     assert np.allclose(mean, train.mean(0)) and np.allclose(std, train.std(0))
     assert prepare.channel_stats([], 6, 3) == ([0.0] * 3, [1.0] * 3)
+
+
+def test_a_skew_condition_leaves_the_cuts_and_counts_only_the_rows_it_keeps(spark):
+    rows = [(f"/d/{i}.png", f"c{i % 2}", None, digest(i)) for i in range(400)]
+    df = rows_frame(spark, rows).withColumn("id", F.substring("content_hash", 1, 32))
+    plain = prepare.plan_splits(df, 0.1, 0.1, False, 0)
+    skewed = prepare.plan_splits(df, 0.1, 0.1, False, 0, prepare.skew_kept(["c1"], 0.25, label="label"))
+    assert skewed.cuts == plain.cuts
+    n = lambda plan, key: plan.totals[key].n  # noqa: E731
+    assert n(skewed, ("train", "c0")) == n(plain, ("train", "c0")) and n(skewed, ("test", "c1")) == n(plain, ("test", "c1"))
+    kept = prepare.assign_splits(df, plain.cuts).where(prepare.skew_kept(["c1"], 0.25, label="label"))
+    assert n(skewed, ("train", "c1")) == kept.where("split = 'train' and label = 'c1'").count() < 0.4 * n(plain, ("train", "c1"))
