@@ -180,9 +180,9 @@ def split_and_measure(unique: DataFrame, labels: prepare.LabelCounts, ic: Ingest
     label_names = [n for n in (named or present) if n in present] + sorted(set(present) - set(named or present))
     label_ids = {name: i for i, name in enumerate(label_names)}
     check_skew_classes(ic, label_names)
-    kept = prepare.skew_kept(ic.skew_classes, ic.skew_fraction, label="label") if ic.skew_classes else None
+    kept = prepare.skew_kept(ic.skew_classes, ic.skew_fraction) if ic.skew_classes else None
     plan = prepare.plan_splits(unique, ic.split.validation, ic.split.test, labels.has_own_test, spec.channels, kept)
-    assigned = labelled_splits(unique, ic, label_names, plan.cuts)
+    assigned = labelled_splits(unique, label_names, plan.cuts, kept)
     per_class = {key: t.n for key, t in plan.totals.items()}
     train_counts = {name: per_class.get(("train", name), 0) for name in label_names}
     if sum(train_counts.values()) == 0:
@@ -257,17 +257,15 @@ def check_skew_classes(ic: IngestConfig, label_names: list[str]) -> None:
                           f"({', '.join(label_names)})")
 
 
-def labelled_splits(unique: DataFrame, ic: IngestConfig, label_names: list[str],
-                    cuts: dict[str, tuple[str, str]]) -> DataFrame:
-    """Unique rows with their split, label id and name; the training split skewed when ingest.skew_classes asks."""
+def labelled_splits(unique: DataFrame, label_names: list[str], cuts: dict[str, tuple[str, str]],
+                    kept: F.Column | None) -> DataFrame:
+    """Unique rows with their split, label id and name; only the rows `kept` keeps (ingest.skew_classes), when set."""
     id_map = F.create_map(*[x for i, name in enumerate(label_names) for x in (F.lit(name), F.lit(i))])
-    assigned = (prepare.assign_splits(unique, cuts)
-                .withColumn("label_name", F.col("label"))
-                .withColumn("label", id_map.getItem(F.col("label_name")).cast("int"))
-                .withColumnRenamed("path", "source_path"))
-    if not ic.skew_classes:
-        return assigned
-    return assigned.where(prepare.skew_kept(ic.skew_classes, ic.skew_fraction))
+    split = prepare.assign_splits(unique, cuts)
+    return ((split if kept is None else split.where(kept))
+            .withColumn("label_name", F.col("label"))
+            .withColumn("label", id_map.getItem(F.col("label_name")).cast("int"))
+            .withColumnRenamed("path", "source_path"))
 
 
 def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec: ImageSpec, seen: int,

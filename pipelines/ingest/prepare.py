@@ -104,9 +104,9 @@ def plan_splits(unique: DataFrame, validation: float, test: float, has_own_test:
                  F.sum(F.when(keep, F.col("pixel_sumsq").getItem(c))).alias(f"q{c}")]
     rows = ranked.groupBy("split", "label").agg(*aggs).collect()
     first = {(r["split"], r["label"]): r["first"] for r in rows}
-    cut = lambda *keys: min((first[k] for k in keys if first.get(k)), default=NO_CUT)  # noqa: E731
-    cuts = {r["label"]: (cut(("validation", r["label"]), ("train", r["label"])), cut(("train", r["label"])))
-            for r in rows}
+    def cut(label: str, *splits: str) -> str:  # the first hash of any of `splits` in this class
+        return min((first[s, label] for s in splits if first.get((s, label))), default=NO_CUT)
+    cuts = {label: (cut(label, "validation", "train"), cut(label, "train")) for label in {r["label"] for r in rows}}
     totals = {(r["split"], r["label"]): ClassTotals(int(r["n"]), [r[f"s{c}"] or 0.0 for c in range(channels)],
                                                     [r[f"q{c}"] or 0.0 for c in range(channels)])
               for r in rows if r["n"]}
@@ -149,13 +149,13 @@ def class_weights(counts: dict[str, int], label_ids: dict[str, int]) -> dict[int
     return {label_ids[name]: (total / (k * counts[name]) if counts.get(name) else 0.0) for name in label_ids}
 
 
-def skew_kept(classes: list[str], fraction: float, label: str = "label_name") -> F.Column:
+def skew_kept(classes: list[str], fraction: float) -> F.Column:
     """Whether a row stays when only `fraction` of the training rows of `classes` are kept (a deliberately imbalanced
     split for the FAQ's class imbalance question), chosen by content hash so a rerun keeps the same rows; other
-    splits are untouched. Uses the columns split, id and `label`."""
+    splits are untouched. Uses the columns split, id and label (its name)."""
     # a hash of its own: the split itself was drawn from the content hash, so its digits are not uniform within a split
     keep = F.pmod(F.xxhash64("id", F.lit("skew")), F.lit(1_000_000)) < fraction * 1_000_000
-    cut = (F.col("split") == "train") & F.col(label).isin(classes)
+    cut = (F.col("split") == "train") & F.col("label").isin(classes)
     return ~cut | keep
 
 

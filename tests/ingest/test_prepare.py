@@ -99,9 +99,9 @@ def test_a_skew_condition_leaves_the_cuts_and_counts_only_the_rows_it_keeps(spar
     rows = [(f"/d/{i}.png", f"c{i % 2}", None, digest(i)) for i in range(400)]
     df = rows_frame(spark, rows).withColumn("id", F.substring("content_hash", 1, 32))
     plain = prepare.plan_splits(df, 0.1, 0.1, False, 0)
-    skewed = prepare.plan_splits(df, 0.1, 0.1, False, 0, prepare.skew_kept(["c1"], 0.25, label="label"))
+    skewed = prepare.plan_splits(df, 0.1, 0.1, False, 0, prepare.skew_kept(["c1"], 0.25))
     assert skewed.cuts == plain.cuts
     n = lambda plan, key: plan.totals[key].n  # noqa: E731
     assert n(skewed, ("train", "c0")) == n(plain, ("train", "c0")) and n(skewed, ("test", "c1")) == n(plain, ("test", "c1"))
-    kept = prepare.assign_splits(df, plain.cuts).where(prepare.skew_kept(["c1"], 0.25, label="label"))
+    kept = prepare.assign_splits(df, plain.cuts).where(prepare.skew_kept(["c1"], 0.25))
     assert n(skewed, ("train", "c1")) == kept.where("split = 'train' and label = 'c1'").count() < 0.4 * n(plain, ("train", "c1"))
