@@ -20,6 +20,7 @@ from pyspark.sql import types as T
 
 from pipelines.config import Config
 from pipelines.errors import PipelineError, first_line
+from pipelines.spark import scoped_conf
 from pipelines.images import IMAGE_EXTENSIONS, ImageSpec, Quarantined, decode, normalize_array, skip_reason
 
 MISSING_FILE = "missing_file"
@@ -104,23 +105,31 @@ def qualified_path(spark: SparkSession, path: str) -> str:
 
 @dataclass
 class LocalWalk:
-    """What walking a local root finds besides the files Spark lists as images."""
-    images: int                # image files, empty ones included
+    """A local root walked once: its image files with their labels, and what ingest skips."""
+    paths: list[str]           # image files as file: URLs (as Spark writes them), empty ones included
+    labels: list[str | None]   # each file's first folder under the root, None for a file directly in it
     hidden: int                # under a name Spark never lists (leading '.' or '_')
     not_images: int            # other extensions, which ingest skips
-    empty: list[str]           # zero-length image files, which Spark's file scan drops
 
 
 def walk_local(root: str) -> LocalWalk | None:
-    """Hidden, non-image and empty image files under a local root, counted here so that nothing is lost silently
-    (and without a Spark job over the listing); None for a root that is not a local folder."""
+    """Every file under a local root (symlinked folders followed, as Spark's listing does), sorted into image files
+    and the hidden and non-image files that are counted so nothing is lost silently; None for a root that is not a
+    local folder."""
     local = root[len("file:"):] if root.startswith("file:") else root
     if "://" in local or not os.path.isdir(local):
         return None
-    found = LocalWalk(0, 0, 0, [])
-    for dirpath, _dirnames, filenames in os.walk(local):
-        rel = os.path.relpath(dirpath, local)
-        in_hidden_dir = any(p.startswith((".", "_")) for p in Path(rel).parts if p != ".")
+    top = os.path.abspath(local)
+    found, visited = LocalWalk([], [], 0, 0), set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a link back to a folder already walked
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        rel = os.path.relpath(dirpath, top)
+        parts = () if rel == "." else Path(rel).parts
+        in_hidden_dir = any(p.startswith((".", "_")) for p in parts)
         for f in filenames:
             reason = "hidden" if in_hidden_dir else skip_reason(f)
             if reason == "hidden":
@@ -128,9 +137,8 @@ def walk_local(root: str) -> LocalWalk | None:
             elif reason == "not_image_extension":
                 found.not_images += 1
             else:
-                found.images += 1
-                if os.path.getsize(os.path.join(dirpath, f)) == 0:
-                    found.empty.append(os.path.join(os.path.abspath(dirpath), f))
+                found.paths.append(f"file:{dirpath}/{f}")
+                found.labels.append(parts[0] if parts else None)
     return found
 
 
@@ -145,32 +153,37 @@ def is_image() -> F.Column:
     return ext.isin(*sorted(IMAGE_EXTENSIONS))
 
 
+def local_candidates(spark: SparkSession, walk: LocalWalk) -> DataFrame:
+    """A local walk's image files as candidate rows without content (the Python workers read the files
+    themselves: shipping the bytes JVM -> Arrow -> Python costs more than decoding them), spread for decoding.
+    Only paths and labels go from the driver, and Spark's own listing does not stat every file a second time."""
+    listed = pd.DataFrame({"path": pd.Series(walk.paths, dtype=object), "label": pd.Series(walk.labels, dtype=object)})
+    with scoped_conf(spark, {"spark.sql.execution.arrow.pyspark.enabled": "true"}):
+        files = spark.createDataFrame(listed, "path string, label string")
+    rows = files.select("path", "label", F.lit(None).cast("string").alias("source_split"),
+                        F.lit(None).cast("binary").alias("content"),
+                        F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
+    return spread_for_decoding(rows, len(walk.paths))
+
+
 def list_folder(spark: SparkSession, root: str) -> tuple[DataFrame, dict[str, int]]:
     """ROOT/<label>/**/<file> as candidate rows (the label is the first folder under ROOT, null for files directly
-    in ROOT), and the files listed but skipped (hidden, other extensions)."""
+    in ROOT), and the files listed but skipped (hidden, other extensions). A local folder is listed by walking it;
+    other filesystems (s3a, hdfs, ...) through binaryFile, whose rows carry the files' content."""
     if "://" not in root and not os.path.isdir(root):
         raise PipelineError(f"image folder not found: {root}")
+    walk = walk_local(root)
+    if walk is not None:
+        return local_candidates(spark, walk), {"hidden": walk.hidden, "not_image_extension": walk.not_images}
     prefix = qualified_path(spark, root)
     listed = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
-    walk = walk_local(root)
-    if walk and walk.empty:  # paths only (no pixels): zero-length files, to be quarantined as empty_file
-        listed = listed.unionByName(spark.createDataFrame(
-            [(f"file:{p}", None, len(b""), bytearray()) for p in walk.empty],
-            "path string, modificationTime timestamp, length long, content binary"))
-    hidden = walk.hidden if walk else 0
-    not_images = walk.not_images if walk else listed.select("path").where(~is_image()).count()
+    not_images = listed.select("path").where(~is_image()).count()
     parts = F.split(F.expr(f"substring(path, {len(prefix) + 2})"), "/")
-    # Local (or mounted) files are read by the Python workers themselves: shipping the bytes JVM -> Arrow ->
-    # Python costs more than decoding them. Other filesystems (s3a, hdfs, ...) go through binaryFile's content.
-    local = prefix.startswith("file:")
     rows = listed.where(is_image()).select(
         "path", F.when(F.size(parts) > 1, parts.getItem(0)).alias("label"),
-        F.lit(None).cast("string").alias("source_split"),
-        F.lit(None).cast("binary").alias("content") if local else F.col("content"),
+        F.lit(None).cast("string").alias("source_split"), "content",
         F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
-    if local:
-        rows = spread_for_decoding(rows, walk.images if walk else None)
-    return rows, {"hidden": hidden, "not_image_extension": not_images}
+    return rows, {"hidden": 0, "not_image_extension": not_images}
 
 
 def list_glob(spark: SparkSession, pattern: str) -> DataFrame:

@@ -36,6 +36,18 @@ def test_a_folder_lists_images_with_labels_from_the_first_folder_and_counts_what
     assert rows.schema == RAW_SCHEMA
 
 
+def test_a_folder_listing_follows_linked_folders_once_and_keeps_odd_names(spark, tmp_path, tree):
+    elsewhere = tmp_path / "elsewhere" / "x"
+    elsewhere.mkdir(parents=True)
+    photo("chelsea").resize((8, 6)).save(elsewhere / "a b%41#.jpg")
+    (tree / "bird").symlink_to(elsewhere.parent)   # a label folder that is a link, as Spark's own listing follows
+    (tree / "cat" / "nested" / "up").symlink_to(tree)  # a link back up: walked once, not forever
+    rows, skipped = list_folder(spark, str(tree))
+    paths = {r["path"]: r["label"] for r in rows.select("path", "label").collect()}
+    assert paths[f"file:{tree}/bird/x/a b%41#.jpg"] == "bird" and len(paths) == 6
+    assert skipped == {"hidden": 1, "not_image_extension": 1}
+
+
 def test_a_missing_folder_is_one_clear_error(spark, tmp_path):
     with pytest.raises(PipelineError, match="image folder not found"):
         list_folder(spark, str(tmp_path / "nowhere"))
