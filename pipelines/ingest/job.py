@@ -135,19 +135,19 @@ def _decode_and_publish(spark: SparkSession, cfg: Config, cand: sources.Candidat
             spark_task_progress(spark, "ingest", "decoding"):
         decoded = decode_to_scratch(spark, cand, spec, allowed, staging)
         valid = decoded.where(F.col("reason").isNull())
-        # independent: submitted together (see run_concurrently)
-        seen, dd, labels = run_concurrently([decoded.count, lambda: prepare.dedupe(valid),
-                                             lambda: prepare.label_counts(valid)])
+        kept = prepare.skew_kept(ic.skew_classes, ic.skew_fraction) if ic.skew_classes else None
+        # independent: submitted together (see run_concurrently); the plan reads what dedupe keeps from its input
+        seen, dd, plan = run_concurrently([decoded.count, lambda: prepare.dedupe(valid), lambda: prepare.plan_splits(
+            prepare.unique_per_hash(valid), ic.split.validation, ic.split.test, cand.own_test, spec.channels, kept)])
         if seen == 0:
             raise PipelineError(f"no image files found in {ic.source.path}")
-        unique = dd.unique.withColumn("id", F.substring("content_hash", 1, 32))
-        n_unique = sum(labels.per_label.values())
+        n_unique = sum(plan.per_label.values())
         if n_unique == 0:
             reasons = {r["reason"]: r["count"] for r in decoded.groupBy("reason").count().collect()}
             raise PipelineError(f"no valid image among the {seen} files in {ic.source.path} (quarantine reasons: {reasons})")
         s["note"] = f"{seen} images seen, {n_unique} unique and valid"
     with step("ingest", "splitting, balancing and computing statistics") as s:
-        sp = split_and_measure(unique, labels, ic, spec, allowed)
+        sp = split_and_measure(dd.unique.withColumn("id", prepare.row_id()), plan, kept, ic, spec, allowed)
         say("ingest", labels_found(sp.per_class, sp.label_names))
         s["note"] = "mean " + ", ".join(f"{m:.4f}" for m in sp.mean) + " std " + ", ".join(f"{v:.4f}" for v in sp.std)
     with step("ingest", f"writing Parquet to {staging.path.parent}"):
@@ -171,17 +171,15 @@ def _decode_and_publish(spark: SparkSession, cfg: Config, cand: sources.Candidat
             "counts": counts, "seconds": round(took, 1)}
 
 
-def split_and_measure(unique: DataFrame, labels: prepare.LabelCounts, ic: IngestConfig, spec: ImageSpec,
-                      allowed: list[str] | None) -> Splits:
-    """Label ids, class-stratified splits, per-class counts, class weights and the training split's pixel
-    statistics (from hashes, labels and per-image sums: no pixels move)."""
-    present = sorted(labels.per_label)
+def split_and_measure(unique: DataFrame, plan: prepare.SplitPlan, kept: F.Column | None, ic: IngestConfig,
+                      spec: ImageSpec, allowed: list[str] | None) -> Splits:
+    """Label ids, the planned class-stratified splits applied to the unique rows (`kept`: the skew condition the plan
+    counted by), per-class counts, class weights and the training split's pixel statistics (no pixels move)."""
+    present = sorted(plan.per_label)
     named = ic.source.idx_label_names if ic.source.type == "idx" else allowed
     label_names = [n for n in (named or present) if n in present] + sorted(set(present) - set(named or present))
     label_ids = {name: i for i, name in enumerate(label_names)}
     check_skew_classes(ic, label_names)
-    kept = prepare.skew_kept(ic.skew_classes, ic.skew_fraction) if ic.skew_classes else None
-    plan = prepare.plan_splits(unique, ic.split.validation, ic.split.test, labels.has_own_test, spec.channels, kept)
     assigned = labelled_splits(unique, label_names, plan.cuts, kept)
     per_class = {key: t.n for key, t in plan.totals.items()}
     train_counts = {name: per_class.get(("train", name), 0) for name in label_names}
@@ -194,7 +192,7 @@ def split_and_measure(unique: DataFrame, labels: prepare.LabelCounts, ic: Ingest
         train = prepare.oversample(assigned.where(F.col("split") == "train"), {k: v for k, v in train_counts.items() if v})
         rows = assigned.where(F.col("split") != "train").unionByName(train)
     return Splits(assigned, rows, label_names, per_class, train_counts,
-                  sum(labels.per_label.values()) - sum(per_class.values()),
+                  sum(plan.per_label.values()) - sum(per_class.values()),
                   prepare.class_weights(train_counts, label_ids), mean, std)
 
 

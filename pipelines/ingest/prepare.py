@@ -79,6 +79,7 @@ class ClassTotals:
 class SplitPlan:
     cuts: dict[str, tuple[str, str]]             # label -> (first content hash of validation, of train)
     totals: dict[tuple[str, str], ClassTotals]  # (split, label) -> its rows and per-channel pixel sums
+    per_label: dict[str, int]                    # label -> unique rows, those `kept` leaves out included
 
 
 def plan_splits(unique: DataFrame, validation: float, test: float, has_own_test: bool, channels: int,
@@ -88,9 +89,9 @@ def plan_splits(unique: DataFrame, validation: float, test: float, has_own_test:
 
     Within each class rows are ordered by content hash and ranked (percent_rank); the first `test` fraction is
     test, the next `validation` fraction validation, the rest train. Rows a source marked as its own test set
-    (`has_own_test`: there are some, from label_counts) stay test, ranked apart, and then `test` is not taken from
-    the rest. Two cut hashes per class come back to the driver, for assign_splits to label rows in place. The
-    totals count the rows `kept` keeps (a condition on `split` and `label`: ingest.skew_classes), the cuts all."""
+    stay test, ranked apart, and when the source lists one (`has_own_test`) `test` is not taken from the rest. Two cut hashes per class come back to the driver, for assign_splits to label rows in place. The
+    totals count the rows `kept` keeps (a condition on `split`, `id` and `label`: ingest.skew_classes), the cuts
+    and per_label all. `unique` is dedupe's output, or unique_per_hash of its input (the same plan, sooner)."""
     own = F.coalesce(F.col("source_split") == "test", F.lit(False))
     q = F.col("_q")
     test = 0.0 if has_own_test else test
@@ -98,7 +99,8 @@ def plan_splits(unique: DataFrame, validation: float, test: float, has_own_test:
               .withColumn("split", F.when(own | (q < test), "test").when(q < test + validation, "validation")
                           .otherwise("train")))
     keep = F.lit(True) if kept is None else kept
-    aggs = [F.min(F.when(~own, F.col("content_hash"))).alias("first"), F.count(F.when(keep, 1)).alias("n")]
+    aggs = [F.min(F.when(~own, F.col("content_hash"))).alias("first"), F.count(F.when(keep, 1)).alias("n"),
+            F.count(F.lit(1)).alias("rows")]
     for c in range(channels):
         aggs += [F.sum(F.when(keep, F.col("pixel_sum").getItem(c))).alias(f"s{c}"),
                  F.sum(F.when(keep, F.col("pixel_sumsq").getItem(c))).alias(f"q{c}")]
@@ -110,25 +112,28 @@ def plan_splits(unique: DataFrame, validation: float, test: float, has_own_test:
     totals = {(r["split"], r["label"]): ClassTotals(int(r["n"]), [r[f"s{c}"] or 0.0 for c in range(channels)],
                                                     [r[f"q{c}"] or 0.0 for c in range(channels)])
               for r in rows if r["n"]}
-    return SplitPlan(cuts, totals)
+    per_label: dict[str, int] = {}
+    for r in rows:
+        per_label[r["label"]] = per_label.get(r["label"], 0) + int(r["rows"])
+    return SplitPlan(cuts, totals, per_label)
 
 
-@dataclass(frozen=True)
-class LabelCounts:
-    per_label: dict[str, int]  # unique valid rows per label
-    has_own_test: bool         # the source marked some rows as its own test set
+def row_id() -> F.Column:
+    """A row's id: the first 32 hex digits of its content hash (so a rerun gives every image the same id)."""
+    return F.substring("content_hash", 1, 32)
 
 
-def label_counts(valid: DataFrame) -> LabelCounts:
-    """Rows per label that dedupe keeps (one per content hash found under a single label) and whether the source
-    brought its own test set, in one aggregate over hashes and labels of the valid rows: it needs nothing from
-    dedupe, so the two run side by side."""
-    own_test = F.coalesce(F.col("source_split") == "test", F.lit(False))
-    per_hash = valid.groupBy("content_hash").agg(F.min("label").alias("label"), F.max("label").alias("last"),
-                                                 F.max(own_test).alias("own_test"))
-    rows = (per_hash.where(F.col("label") == F.col("last")).groupBy("label")
-            .agg(F.count(F.lit(1)).alias("n"), F.max("own_test").alias("own_test")).collect())
-    return LabelCounts({r["label"]: int(r["n"]) for r in rows}, any(r["own_test"] for r in rows))
+def unique_per_hash(valid: DataFrame) -> DataFrame:
+    """What dedupe keeps, as plan_splits reads it, in one aggregate with no ranking window, so the plan need not
+    wait for dedupe: a row per content hash found under a single label, with that label, id, source_split 'test' when
+    any copy is the source's own test row (dedupe keeps that copy) and the per-image sums (copies share them: the
+    same bytes decode to the same pixels)."""
+    own_test = F.when(F.col("source_split") == "test", F.lit("test"))
+    return (valid.groupBy("content_hash")
+            .agg(F.min("label").alias("label"), F.max("label").alias("_last"), F.max(own_test).alias("source_split"),
+                 F.first("pixel_sum").alias("pixel_sum"), F.first("pixel_sumsq").alias("pixel_sumsq"))
+            .where(F.col("label") == F.col("_last")).drop("_last")
+            .withColumn("id", row_id()))
 
 
 def assign_splits(unique: DataFrame, cuts: dict[str, tuple[str, str]]) -> DataFrame:

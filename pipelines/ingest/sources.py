@@ -25,6 +25,7 @@ class Candidates:
     rows: DataFrame
     skipped: dict[str, int]
     description: dict[str, object]
+    own_test: bool = False  # the source lists its own test set (rows with source_split 'test')
 
 
 # ------------------------------------------------------------------------------------------------ IDX
@@ -102,7 +103,7 @@ def idx_source(spark: SparkSession, folder: str, label_names: list[str] | None, 
     root = Path(folder)
     if not root.is_dir():
         raise PipelineError(f"IDX source folder not found: {folder}")
-    frames = []
+    frames, own_test = [], 0
     description: dict[str, object] = {"type": "idx", "path": str(root.resolve()), "files": {}}
     for split, (img_stem, lbl_stem) in IDX_PAIRS.items():
         if split == "test" and not any((root / (img_stem + s)).exists() for s in ("", ".gz")):
@@ -114,9 +115,10 @@ def idx_source(spark: SparkSession, folder: str, label_names: list[str] | None, 
         if len(images.dims) != 2:
             raise PipelineError(f"{images.path}: expected 2-D images, found dims {images.dims}")
         description["files"][split] = [images.path, labels.path]  # type: ignore[index]
+        own_test += images.count if split == "test" else 0
         frames.append(_idx_rows(spark, images, labels, "test" if split == "test" else None, label_names, partitions))
     rows = frames[0] if len(frames) == 1 else frames[0].unionByName(frames[1])
-    return Candidates(rows, {}, description)
+    return Candidates(rows, {}, description, own_test=own_test > 0)
 
 
 def _idx_rows(spark: SparkSession, images: IdxFile, labels: IdxFile, source_split: str | None,

@@ -38,8 +38,27 @@ def test_both_dedupe_paths_agree(spark, monkeypatch):
     assert len(unique) + len(conflicts) + len(duplicates) == len(rows)
     assert len(conflicts) == 7 and len(duplicates) == 9  # content 6 has a same-label copy and a clash: 3 quarantined
     assert ("/d/copy0.png", "/d/0.png") in duplicates  # the source's own test copy is the one kept
-    kept = prepare.dedupe(df).unique.groupBy("label").count().collect()
-    assert prepare.label_counts(df).per_label == {r["label"]: r["count"] for r in kept}  # counted without dedupe
+
+
+def test_the_plan_from_dedupes_input_is_the_plan_from_its_output(spark):
+    """unique_per_hash lets the plan run beside dedupe: it must see exactly the rows, labels, own-test marks and
+    per-image sums that dedupe keeps."""
+    rng = random.Random(4)
+    rows = [(f"/d/{i}.png", f"c{i % 3}", "test" if i % 7 == 0 else None, digest(i)) for i in range(90)]
+    rows += [(f"/d/copy{i}.png", f"c{i % 3}", None, digest(i)) for i in range(0, 30, 2)]   # duplicates, some of test rows
+    rows += [(f"/d/clash{i}.png", "c9", None, digest(i)) for i in range(1, 20, 5)]          # conflicts
+    rng.shuffle(rows)
+    sums = F.array(F.conv(F.substring("content_hash", 1, 4), 16, 10).cast("double"))  # the same for every copy
+    df = rows_frame(spark, rows).withColumn("pixel_sum", sums).withColumn("pixel_sumsq", sums)
+    dedupe_kept = prepare.dedupe(df).unique.withColumn("id", prepare.row_id())
+    skew = prepare.skew_kept(["c1"], 0.5)
+    for own_test, kept in ((True, None), (False, skew)):
+        before = prepare.plan_splits(prepare.unique_per_hash(df), 0.2, 0.1, own_test, 1, kept)
+        after = prepare.plan_splits(dedupe_kept, 0.2, 0.1, own_test, 1, kept)
+        assert before == after
+    counted = {r["label"]: r["count"] for r in dedupe_kept.groupBy("label").count().collect()}
+    assert before.per_label == counted and sum(counted.values()) == 90 - 4  # four contents clash
+    assert sum(t.n for t in before.totals.values()) < sum(counted.values())  # the skew condition left some out
 
 
 def test_split_cuts_match_a_percent_rank_over_every_row(spark):
@@ -66,10 +85,8 @@ def test_split_cuts_match_a_percent_rank_over_every_row(spark):
 def test_a_source_with_its_own_test_set_keeps_it(spark):
     rows = [(f"/d/{i}.png", f"c{i % 2}", "test" if i < 10 else None, digest(i)) for i in range(50)]
     df = rows_frame(spark, rows)
-    counts = prepare.label_counts(df)
-    assert counts == prepare.LabelCounts({"c0": 25, "c1": 25}, has_own_test=True)
-    assert not prepare.label_counts(df.where("source_split is null")).has_own_test
-    plan = prepare.plan_splits(df, 0.1, 0.3, counts.has_own_test, channels=0)
+    plan = prepare.plan_splits(df, 0.1, 0.3, has_own_test=True, channels=0)
+    assert plan.per_label == {"c0": 25, "c1": 25}
     got = {r["path"]: r["split"] for r in prepare.assign_splits(df, plan.cuts).collect()}
     assert {p for p, s in got.items() if s == "test"} == {f"/d/{i}.png" for i in range(10)}
     assert sum(s == "validation" for s in got.values()) in (4, 5, 6)
