@@ -52,10 +52,11 @@ DECODED_SCHEMA = T.StructType([
 
 # ------------------------------------------------------------------------------------------------ config
 
-# Every task that reads raw files pays a fixed cost (a Python worker's set-up and clean-up, an output file committed):
-# at most about this many tasks per slot, however many files, so that cost does not grow with them.
+# Every task that reads raw files pays a fixed cost (a Python worker's set-up and clean-up, an output file committed,
+# one more file for every later scan of what it wrote): at most about this many tasks per slot when the file count is
+# not known, and otherwise tasks of about FILES_PER_TASK files (fewer per task only to give every slot one).
 TASKS_PER_SLOT = 4
-MIN_FILES_PER_TASK = 256  # fewer files than this per task: fewer tasks instead
+FILES_PER_TASK = 5_000
 
 
 def image_spec(cfg: Config, shape: tuple[int, int, int] | None = None) -> ImageSpec:
@@ -80,10 +81,11 @@ def file_read_settings(cfg: Config, slots: int) -> dict[str, str]:
 
 def decode_tasks(files: int | None, slots: int) -> int:
     """How many tasks decode `files` files (None: not known) that the Python workers read themselves: a multiple of
-    the slots, so every round of tasks keeps every slot busy, at most TASKS_PER_SLOT per slot, and no fewer than about
-    MIN_FILES_PER_TASK files in a task while there are more tasks than slots."""
-    rounds = TASKS_PER_SLOT if files is None else files // (slots * MIN_FILES_PER_TASK)
-    return slots * max(1, min(TASKS_PER_SLOT, rounds))
+    the slots, so every round of tasks keeps every slot busy, as few as hold about FILES_PER_TASK files each (one
+    per slot for a small folder; more rounds only as the files grow, so a long job still shows its progress task by
+    task), TASKS_PER_SLOT per slot when the count is not known."""
+    rounds = TASKS_PER_SLOT if files is None else -(-files // (slots * FILES_PER_TASK))
+    return slots * max(1, rounds)
 
 
 def spread_for_decoding(rows: DataFrame, files: int | None) -> DataFrame:

@@ -93,11 +93,13 @@ def test_candidates_decode_on_the_executors(spark, tree, cfg_factory):
     assert decoded.where("reason is null").selectExpr("min(length(image))", "max(length(image))").first() == (768, 768)
 
 
-def test_decode_tasks_fill_every_slot_and_hold_at_least_a_few_hundred_files_each():
-    assert decode_tasks(10_000, 2) == 8 and decode_tasks(10_000_000, 16) == 64   # at most four per slot
-    assert decode_tasks(1_100, 2) == 4 and decode_tasks(300, 2) == 2 == decode_tasks(0, 2)
+def test_decode_tasks_fill_every_slot_and_hold_about_five_thousand_files_each():
+    assert decode_tasks(10_000, 2) == 2 and decode_tasks(10_001, 2) == 4      # one per slot, then another round
+    assert decode_tasks(160_000, 2) == 32 and decode_tasks(10_000_000, 16) == 2_000
+    assert decode_tasks(300, 2) == 2 == decode_tasks(0, 2)
     assert decode_tasks(None, 3) == 12                                         # a table of paths: count unknown
     assert all(decode_tasks(n, 3) % 3 == 0 for n in (0, 700, 5_000, 90_000))
+    assert all(n / decode_tasks(n, 3) <= 5_000 for n in (700, 15_001, 90_000, 1_234_567))
 
 
 def test_a_folder_of_unequal_files_is_decoded_in_tasks_of_equal_file_counts(spark, tmp_path):
@@ -109,5 +111,5 @@ def test_a_folder_of_unequal_files_is_decoded_in_tasks_of_equal_file_counts(spar
         (root / f"c{i % 3}" / f"{i}.jpg").write_bytes(b"x" * (200_000 if i < 100 else 100))
     rows, _ = list_folder(spark, str(root))
     counts = [r["count"] for r in rows.groupBy(F.spark_partition_id()).count().collect()]
-    assert len(counts) == decode_tasks(1200, spark.sparkContext.defaultParallelism) == 4
-    assert min(counts) > 0.8 * 300 and max(counts) < 1.2 * 300
+    assert len(counts) == decode_tasks(1200, spark.sparkContext.defaultParallelism) == 2
+    assert min(counts) > 0.8 * 600 and max(counts) < 1.2 * 600
