@@ -139,13 +139,16 @@ def scaling(spark, sizes: list[int], width: int, size: int, repeats: int) -> Non
     """Seconds per 1,000 photos of the whole ingest job at each count (photos `width` wide), and the cost of each
     further 1,000 photos between consecutive counts: the job's fixed cost (listing, Spark's planning of each small
     job, verification) is in the first and not in the second."""
-    took = {}
     every = build_photos(BENCH_DIR / f"photos_{width}", max(sizes), width)
+    folders = {n: first_photos(every, BENCH_DIR / f"photos_{width}_first_{n}", n) for n in sizes}
+    took: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(repeats):  # sizes interleaved: a VM drifts within minutes; size after size would charge it to one
+        for n in sizes:
+            took[n].append(ingest_seconds(spark, ingest_config(folders[n], "bench_scaling", size)))
     for n in sizes:
-        photos = first_photos(every, BENCH_DIR / f"photos_{width}_first", n)
-        took[n] = [ingest_seconds(spark, ingest_config(photos, "bench_scaling", size)) for _ in range(repeats)]
         print(f"  ingest of {n:>7} photos {width}x{width * 3 // 4}: {median(took[n]):6.1f}s, "
-              f"{1000 * median(took[n]) / n:.2f} s per 1,000", flush=True)
+              f"{1000 * median(took[n]) / n:.2f} s per 1,000 (runs {', '.join(f'{t:.1f}' for t in took[n])})",
+              flush=True)
     per_k = {n: [1000 * t / n for t in took[n]] for n in sizes}
     medians = [median(per_k[n]) for n in sizes]
     between = [f"{a:,}-{b:,}" for a, b in zip(sizes, sizes[1:])]

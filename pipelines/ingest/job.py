@@ -153,7 +153,10 @@ def _decode_and_publish(spark: SparkSession, cfg: Config, cand: sources.Candidat
     with step("ingest", f"writing Parquet to {staging.path.parent}"):
         quarantine = decoded.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS).unionByName(
             dd.conflicts.select(*QUARANTINE_COLUMNS))
-        write_version(staging, sp, quarantine, dd.duplicates, ic, spec)
+        duplicates = dd.duplicates
+        if seen == n_unique:  # every file kept: both are empty, written without scanning the scratch copy for them
+            quarantine, duplicates = quarantine.limit(0), duplicates.limit(0)
+        write_version(staging, sp, quarantine, duplicates, ic, spec)
     with step("ingest", "verifying the staged version") as s:
         manifest = verify_and_describe(spark, cfg, staging, spec, seen, cand, sp)
         s["note"] = (f"{manifest['counts']['rows']} rows + {manifest['counts']['quarantined']} quarantined + "
