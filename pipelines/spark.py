@@ -171,3 +171,28 @@ def run_concurrently(actions: list[Callable[[], T]]) -> list[T]:
     with ThreadPoolExecutor(max_workers=len(actions)) as pool:
         futures = [pool.submit(a) for a in actions]
         return [f.result() for f in futures]
+
+
+def _murmur3_int(value: int, seed: int = 42) -> int:
+    """Spark's Murmur3_x86_32.hashInt (what HashPartitioning computes for an int key), as a signed 32-bit int."""
+    def rotl(x: int, r: int) -> int:
+        return ((x << r) | (x >> (32 - r))) & 0xFFFFFFFF
+
+    k1 = rotl((value & 0xFFFFFFFF) * 0xCC9E2D51 & 0xFFFFFFFF, 15) * 0x1B873593 & 0xFFFFFFFF
+    h1 = (rotl(seed ^ k1, 13) * 5 + 0xE6546B64) & 0xFFFFFFFF
+    h1 ^= 4
+    h1 = (h1 ^ (h1 >> 16)) * 0x85EBCA6B & 0xFFFFFFFF
+    h1 = (h1 ^ (h1 >> 13)) * 0xC2B2AE35 & 0xFFFFFFFF
+    h1 ^= h1 >> 16
+    return h1 - (1 << 32) if h1 >= 1 << 31 else h1
+
+
+def partition_keys(n: int) -> list[int]:
+    """For each partition p < n, an int key that `repartition(n, key)` sends to partition p. Keys 0..n-1 themselves
+    collide (Spark hashes keys, it does not map them), leaving some partitions empty and others doubled."""
+    keys: dict[int, int] = {}
+    candidate = 0
+    while len(keys) < n:
+        keys.setdefault(_murmur3_int(candidate) % n, candidate)
+        candidate += 1
+    return [keys[p] for p in range(n)]

@@ -150,3 +150,20 @@ def test_elastic_training_gets_task_retries_on_a_local_master(master, elastic, e
     assert master_url(cfg) == expected
     assert local_cores("local[2,3]") == 2 and local_task_failures("local[2,3]") == 3
     assert local_task_failures("local[2]") == 1
+
+
+def test_partition_keys_put_each_key_in_the_partition_of_its_index(spark):
+    from pyspark.sql import functions as F
+
+    from pipelines.spark import _murmur3_int, partition_keys
+
+    values = [*range(-40, 300), 2**31 - 1, -(2**31)]
+    hashed = spark.createDataFrame([(v,) for v in values], "k int").select("k", F.hash("k").alias("h")).collect()
+    assert all(_murmur3_int(r["k"]) == r["h"] for r in hashed)  # Spark's own hash of an int key
+    for n in (3, 12, 40):
+        keys = partition_keys(n)
+        placed = (spark.createDataFrame([(k,) for k in keys], "k int").repartition(n, "k")
+                  .select("k", F.spark_partition_id().alias("p")).collect())
+        assert sorted((keys.index(r["k"]), r["p"]) for r in placed) == [(p, p) for p in range(n)]
+    naive = spark.range(12).repartition(12, "id").select(F.spark_partition_id()).distinct().count()
+    assert naive < 12  # why the keys are needed: 0..11 themselves collide

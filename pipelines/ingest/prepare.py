@@ -89,9 +89,10 @@ def plan_splits(unique: DataFrame, validation: float, test: float, has_own_test:
 
     Within each class rows are ordered by content hash and ranked (percent_rank); the first `test` fraction is
     test, the next `validation` fraction validation, the rest train. Rows a source marked as its own test set
-    stay test, ranked apart, and when the source lists one (`has_own_test`) `test` is not taken from the rest. Two cut hashes per class come back to the driver, for assign_splits to label rows in place. The
-    totals count the rows `kept` keeps (a condition on `split`, `id` and `label`: ingest.skew_classes), the cuts
-    and per_label all. `unique` is dedupe's output, or unique_per_hash of its input (the same plan, sooner)."""
+    stay test, ranked apart, and when the source lists one (`has_own_test`) `test` is not taken from the rest. Two
+    cut hashes per class come back to the driver, for assign_splits to label rows in place. The totals count the
+    rows `kept` keeps (a condition on `split`, `id` and `label`: ingest.skew_classes), the cuts and per_label all.
+    `unique` is dedupe's output, or unique_per_hash of its input (the same plan, sooner)."""
     own = F.coalesce(F.col("source_split") == "test", F.lit(False))
     q = F.col("_q")
     test = 0.0 if has_own_test else test

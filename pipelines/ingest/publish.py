@@ -17,6 +17,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from pipelines.dataset.contract import MANIFEST, dataset_root, latest_version, next_version, read_manifest, set_latest
+from pipelines.spark import partition_keys
 
 PARTS = "_parts"  # inside the staging folder: write_parts' output before its folders move into place
 STALE_STAGING_SECONDS = 6 * 3600  # a staging folder without a lock file (written before there were locks)
@@ -70,10 +71,15 @@ class Staging:
     def write_parts(self, df: DataFrame, column: str, parts: tuple[str, ...], files: int, row_group_bytes: int,
                     sort_by: str) -> None:
         """One part per value of `column` (its rows without that column), written by one job that reads `df` once;
-        each part's rows go into up to `files` files by a hash of `sort_by`, sorted by it within each file. A part
-        with no rows still gets its folder and a file holding the schema."""
-        bucket = F.pmod(F.xxhash64(sort_by), F.lit(files))
-        spread = df.repartition(len(parts) * files, column, bucket).sortWithinPartitions(column, sort_by)
+        each part's rows go into `files` files by a hash of `sort_by` (fewer only for a part of fewer rows), sorted by
+        it within each file. A part with no rows still gets its folder and a file holding the schema."""
+        # every (part, bucket) in a task of its own, so each part gets `files` files of about equal row counts
+        slots = len(parts) * files
+        index = F.create_map(*[x for i, p in enumerate(parts) for x in (F.lit(p), F.lit(i))])
+        part = F.element_at(index, F.col(column))
+        slot = (part * files + F.pmod(F.xxhash64(sort_by), F.lit(files))).cast("int")
+        keys = F.create_map(*[x for i, k in enumerate(partition_keys(slots)) for x in (F.lit(i), F.lit(k))])
+        spread = df.repartition(slots, F.element_at(keys, slot)).sortWithinPartitions(column, sort_by)
         # parquet-mr measures a row group's size only every 100 rows at first, and a dictionary-encoded column's size
         # not until the dictionary gives up: large photos need row groups of fewer rows to shard
         (spread.write.mode("error").partitionBy(column)

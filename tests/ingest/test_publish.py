@@ -90,11 +90,13 @@ def test_write_parts_puts_each_value_in_its_own_folder_sorted_and_gives_an_empty
     for part, expected in (("train", 150), ("test", 50), ("validation", 0)):
         back = staging.read(spark, part)
         assert back.columns == ["id", "image"] and back.count() == expected
-    train_files = sorted((staging.path / "train").glob("*.parquet"))
-    assert 1 <= len(train_files) <= 3
     import pyarrow.parquet as pq
+    train_files = sorted((staging.path / "train").glob("*.parquet"))
     for f in train_files:
         ids = pq.read_table(f).column("id").to_pylist()
         assert ids == sorted(ids) and all(int(i) % 4 for i in ids)
+    for part, rows in (("train", 150), ("test", 50)):  # exactly `files` files each, none holding two buckets
+        counts = [pq.read_metadata(f).num_rows for f in (staging.path / part).glob("*.parquet")]
+        assert len(counts) == 3 and sum(counts) == rows and max(counts) < 0.5 * rows
     assert pq.read_schema(next((staging.path / "validation").glob("*.parquet"))).names == ["id", "image"]
     staging.discard()
