@@ -20,8 +20,8 @@ from pyspark.sql import types as T
 
 from pipelines.config import Config
 from pipelines.errors import PipelineError, first_line
-from pipelines.spark import scoped_conf
 from pipelines.images import IMAGE_EXTENSIONS, ImageSpec, Quarantined, decode, normalize_array, skip_reason
+from pipelines.spark import scoped_conf
 
 MISSING_FILE = "missing_file"
 
@@ -96,6 +96,16 @@ def spread_for_decoding(rows: DataFrame, files: int | None) -> DataFrame:
     return rows.repartition(decode_tasks(files, rows.sparkSession.sparkContext.defaultParallelism), "path")
 
 
+def path_candidates(listed: DataFrame, files: int | None) -> DataFrame:
+    """Rows of `path` and `label` (string columns) as candidate rows whose files the Python workers read themselves
+    (shipping the bytes JVM -> Arrow -> Python costs more than decoding them), spread for decoding; `files`: how
+    many rows, None when not known."""
+    rows = listed.select(F.col("path").cast("string"), F.col("label").cast("string"),
+                         F.lit(None).cast("string").alias("source_split"), F.lit(None).cast("binary").alias("content"),
+                         F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
+    return spread_for_decoding(rows, files)
+
+
 # ----------------------------------------------------------------------------------------------- listing
 
 def qualified_path(spark: SparkSession, path: str) -> str:
@@ -156,16 +166,12 @@ def is_image() -> F.Column:
 
 
 def local_candidates(spark: SparkSession, walk: LocalWalk) -> DataFrame:
-    """A local walk's image files as candidate rows without content (the Python workers read the files
-    themselves: shipping the bytes JVM -> Arrow -> Python costs more than decoding them), spread for decoding.
-    Only paths and labels go from the driver, and Spark's own listing does not stat every file a second time."""
+    """A local walk's image files as candidate rows: only paths and labels go from the driver, and Spark's own
+    listing does not stat every file a second time."""
     listed = pd.DataFrame({"path": pd.Series(walk.paths, dtype=object), "label": pd.Series(walk.labels, dtype=object)})
     with scoped_conf(spark, {"spark.sql.execution.arrow.pyspark.enabled": "true"}):
         files = spark.createDataFrame(listed, "path string, label string")
-    rows = files.select("path", "label", F.lit(None).cast("string").alias("source_split"),
-                        F.lit(None).cast("binary").alias("content"),
-                        F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
-    return spread_for_decoding(rows, len(walk.paths))
+    return path_candidates(files, len(walk.paths))
 
 
 def list_folder(spark: SparkSession, root: str) -> tuple[DataFrame, dict[str, int]]:

@@ -102,14 +102,17 @@ def test_decode_tasks_fill_every_slot_and_hold_about_five_thousand_files_each():
     assert all(n / decode_tasks(n, 3) <= 5_000 for n in (700, 15_001, 90_000, 1_234_567))
 
 
-def test_a_folder_of_unequal_files_is_decoded_in_tasks_of_equal_file_counts(spark, tmp_path):
-    """Spark packs files into scan tasks by bytes, largest first: here one task would hold the few big files and
-    another the many small ones. Local files are spread by path instead."""
+def test_a_folder_of_unequal_files_is_decoded_in_tasks_of_equal_file_counts(spark, tmp_path, monkeypatch):
+    """Spark packs files into scan tasks by bytes, largest first, and a listing built on the driver comes in one slice
+    per slot: here either way the tasks would not be the six of about 200 files asked for."""
+    import pipelines.raw_files as raw_files
+
+    monkeypatch.setattr(raw_files, "FILES_PER_TASK", 200)
     root = tmp_path / "sizes"
     for i in range(1200):
         (root / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
         (root / f"c{i % 3}" / f"{i}.jpg").write_bytes(b"x" * (200_000 if i < 100 else 100))
     rows, _ = list_folder(spark, str(root))
     counts = [r["count"] for r in rows.groupBy(F.spark_partition_id()).count().collect()]
-    assert len(counts) == decode_tasks(1200, spark.sparkContext.defaultParallelism) == 2
-    assert min(counts) > 0.8 * 600 and max(counts) < 1.2 * 600
+    assert len(counts) == decode_tasks(1200, spark.sparkContext.defaultParallelism) == 6
+    assert min(counts) > 0.7 * 200 and max(counts) < 1.3 * 200

@@ -15,7 +15,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.errors import PipelineError
-from pipelines.raw_files import RAW_SCHEMA, list_folder, qualified_path, spread_for_decoding
+from pipelines.raw_files import RAW_SCHEMA, list_folder, path_candidates, qualified_path
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def _idx_rows(spark: SparkSession, images: IdxFile, labels: IdxFile, source_spli
 # --------------------------------------------------------------------------------------------- folder
 
 def folder_source(spark: SparkSession, root: str) -> Candidates:
-    """ROOT/<label>/**/<file>: the label is the first folder under ROOT; binaryFile reads recursively."""
+    """ROOT/<label>/**/<file>: the label is the first folder under ROOT (see raw_files.list_folder)."""
     rows, skipped = list_folder(spark, root)
     return Candidates(rows, skipped, {"type": "folder", "path": qualified_path(spark, root)})
 
@@ -167,9 +167,5 @@ def table_source(spark: SparkSession, path: str, path_column: str, label_column:
     if missing:
         raise PipelineError(f"table {path} has no column {missing[0]!r} (columns: {', '.join(table.columns)})")
 
-    listed = table.select(F.col(path_column).cast("string").alias("path"),
-                          F.col(label_column).cast("string").alias("label"))
-    rows = listed.select("path", "label", F.lit(None).cast("string").alias("source_split"),
-                         F.lit(None).cast("binary").alias("content"),  # read by the Python workers
-                         F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
-    return Candidates(spread_for_decoding(rows, None), {}, {"type": "table", "path": path})
+    listed = table.select(F.col(path_column).alias("path"), F.col(label_column).alias("label"))
+    return Candidates(path_candidates(listed, None), {}, {"type": "table", "path": path})
