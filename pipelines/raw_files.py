@@ -174,7 +174,16 @@ def local_candidates(spark: SparkSession, walk: LocalWalk) -> DataFrame:
     return path_candidates(files, len(walk.paths))
 
 
-def list_folder(spark: SparkSession, root: str) -> tuple[DataFrame, dict[str, int]]:
+@dataclass(frozen=True)
+class FolderListing:
+    """A folder's image files as candidate rows, the files listed but skipped, and how many rows (None: not known
+    without a job)."""
+    rows: DataFrame
+    skipped: dict[str, int]
+    files: int | None
+
+
+def list_folder(spark: SparkSession, root: str) -> FolderListing:
     """ROOT/<label>/**/<file> as candidate rows (the label is the first folder under ROOT, null for files directly
     in ROOT), and the files listed but skipped (hidden, other extensions). A local folder is listed by walking it;
     other filesystems (s3a, hdfs, ...) through binaryFile, whose rows carry the files' content."""
@@ -182,7 +191,8 @@ def list_folder(spark: SparkSession, root: str) -> tuple[DataFrame, dict[str, in
         raise PipelineError(f"image folder not found: {root}")
     walk = walk_local(root)
     if walk is not None:
-        return local_candidates(spark, walk), {"hidden": walk.hidden, "not_image_extension": walk.not_images}
+        return FolderListing(local_candidates(spark, walk),
+                             {"hidden": walk.hidden, "not_image_extension": walk.not_images}, len(walk.paths))
     prefix = qualified_path(spark, root)
     listed = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
     not_images = listed.select("path").where(~is_image()).count()
@@ -191,7 +201,7 @@ def list_folder(spark: SparkSession, root: str) -> tuple[DataFrame, dict[str, in
         "path", F.when(F.size(parts) > 1, parts.getItem(0)).alias("label"),
         F.lit(None).cast("string").alias("source_split"), "content",
         F.lit(None).cast("int").alias("raw_height"), F.lit(None).cast("int").alias("raw_width"))
-    return rows, {"hidden": 0, "not_image_extension": not_images}
+    return FolderListing(rows, {"hidden": 0, "not_image_extension": not_images}, None)
 
 
 def list_glob(spark: SparkSession, pattern: str) -> DataFrame:
@@ -212,7 +222,7 @@ def unlabelled_candidates(files: DataFrame) -> DataFrame:
 
 def list_files(spark: SparkSession, path: str) -> DataFrame:
     """A folder (recursively, labels from its sub-folders) or a glob, as candidate rows."""
-    return list_folder(spark, path)[0] if os.path.isdir(path) else list_glob(spark, path)
+    return list_folder(spark, path).rows if os.path.isdir(path) else list_glob(spark, path)
 
 
 # ---------------------------------------------------------------------------------------------- decoding

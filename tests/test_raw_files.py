@@ -28,12 +28,12 @@ def tree(tmp_path):
 
 
 def test_a_folder_lists_images_with_labels_from_the_first_folder_and_counts_what_it_skipped(spark, tree):
-    rows, skipped = list_folder(spark, str(tree))
-    got = {r["path"].split("photos/", 1)[1]: r["label"] for r in rows.select("path", "label").collect()}
+    listing = list_folder(spark, str(tree))
+    got = {r["path"].split("photos/", 1)[1]: r["label"] for r in listing.rows.select("path", "label").collect()}
     assert got == {"cat/a.jpg": "cat", "cat/nested/b.png": "cat", "dog/c.jpg": "dog", "dog/empty.jpg": "dog",
                    "loose.jpg": None}
-    assert skipped == {"hidden": 1, "not_image_extension": 1}
-    assert rows.schema == RAW_SCHEMA
+    assert listing.skipped == {"hidden": 1, "not_image_extension": 1} and listing.files == 5
+    assert listing.rows.schema == RAW_SCHEMA
 
 
 def test_a_folder_listing_follows_linked_folders_once_and_keeps_odd_names(spark, tmp_path, tree):
@@ -42,10 +42,10 @@ def test_a_folder_listing_follows_linked_folders_once_and_keeps_odd_names(spark,
     photo("chelsea").resize((8, 6)).save(elsewhere / "a b%41#.jpg")
     (tree / "bird").symlink_to(elsewhere.parent)   # a label folder that is a link, as Spark's own listing follows
     (tree / "cat" / "nested" / "up").symlink_to(tree)  # a link back up: walked once, not forever
-    rows, skipped = list_folder(spark, str(tree))
-    paths = {r["path"]: r["label"] for r in rows.select("path", "label").collect()}
-    assert paths[f"file:{tree}/bird/x/a b%41#.jpg"] == "bird" and len(paths) == 6
-    assert skipped == {"hidden": 1, "not_image_extension": 1}
+    listing = list_folder(spark, str(tree))
+    paths = {r["path"]: r["label"] for r in listing.rows.select("path", "label").collect()}
+    assert paths[f"file:{tree}/bird/x/a b%41#.jpg"] == "bird" and len(paths) == 6 == listing.files
+    assert listing.skipped == {"hidden": 1, "not_image_extension": 1}
 
 
 def test_a_missing_folder_is_one_clear_error(spark, tmp_path):
@@ -86,7 +86,7 @@ def test_decoding_gives_pixels_and_sums_or_a_quarantine_reason(tmp_path, cfg_fac
 
 
 def test_candidates_decode_on_the_executors(spark, tree, cfg_factory):
-    rows, _ = list_folder(spark, str(tree))
+    rows = list_folder(spark, str(tree)).rows
     decoded = decode_candidates(rows, image_spec(cfg_factory(), (16, 16, 3)))
     reasons = {r["reason"]: r["n"] for r in decoded.groupBy("reason").count().withColumnRenamed("count", "n").collect()}
     assert reasons == {None: 4, EMPTY_FILE: 1}
@@ -112,7 +112,7 @@ def test_a_folder_of_unequal_files_is_decoded_in_tasks_of_equal_file_counts(spar
     for i in range(1200):
         (root / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
         (root / f"c{i % 3}" / f"{i}.jpg").write_bytes(b"x" * (200_000 if i < 100 else 100))
-    rows, _ = list_folder(spark, str(root))
+    rows = list_folder(spark, str(root)).rows
     counts = [r["count"] for r in rows.groupBy(F.spark_partition_id()).count().collect()]
     assert len(counts) == decode_tasks(1200, spark.sparkContext.defaultParallelism) == 6
     assert min(counts) > 0.7 * 200 and max(counts) < 1.3 * 200

@@ -136,9 +136,13 @@ def _decode_and_publish(spark: SparkSession, cfg: Config, cand: sources.Candidat
         decoded = decode_to_scratch(spark, cand, spec, allowed, staging)
         valid = decoded.where(F.col("reason").isNull())
         kept = prepare.skew_kept(ic.skew_classes, ic.skew_fraction) if ic.skew_classes else None
-        # independent: submitted together (see run_concurrently); the plan reads what dedupe keeps from its input
-        seen, dd, plan = run_concurrently([decoded.count, lambda: prepare.dedupe(valid), lambda: prepare.plan_splits(
-            prepare.unique_per_hash(valid), ic.split.validation, ic.split.test, cand.own_test, spec.channels, kept)])
+        # independent: submitted together (see run_concurrently); the plan reads what dedupe keeps from its input.
+        # Decoding keeps a row per candidate, so a source that knows its count needs no job for it (verification
+        # then checks that every one of them was written somewhere)
+        seen, dd, plan = run_concurrently([
+            (lambda: cand.count) if cand.count is not None else decoded.count, lambda: prepare.dedupe(valid),
+            lambda: prepare.plan_splits(prepare.unique_per_hash(valid), ic.split.validation, ic.split.test,
+                                        cand.own_test, spec.channels, kept)])
         if seen == 0:
             raise PipelineError(f"no image files found in {ic.source.path}")
         n_unique = sum(plan.per_label.values())

@@ -93,10 +93,10 @@ def plan_splits(unique: DataFrame, validation: float, test: float, has_own_test:
     cut hashes per class come back to the driver, for assign_splits to label rows in place. The totals count the
     rows `kept` keeps (a condition on `split`, `id` and `label`: ingest.skew_classes), the cuts and per_label all.
     `unique` is dedupe's output, or unique_per_hash of its input (the same plan, sooner)."""
-    own = F.coalesce(F.col("source_split") == "test", F.lit(False))
-    q = F.col("_q")
+    own, q = F.col("_own"), F.col("_q")
     test = 0.0 if has_own_test else test
-    ranked = (unique.withColumn("_q", F.percent_rank().over(Window.partitionBy("label", own).orderBy("content_hash")))
+    ranked = (unique.withColumn("_own", F.coalesce(F.col("source_split") == "test", F.lit(False)))
+              .withColumn("_q", F.percent_rank().over(Window.partitionBy("label", "_own").orderBy("content_hash")))
               .withColumn("split", F.when(own | (q < test), "test").when(q < test + validation, "validation")
                           .otherwise("train")))
     keep = F.lit(True) if kept is None else kept
@@ -105,7 +105,9 @@ def plan_splits(unique: DataFrame, validation: float, test: float, has_own_test:
     for c in range(channels):
         aggs += [F.sum(F.when(keep, F.col("pixel_sum").getItem(c))).alias(f"s{c}"),
                  F.sum(F.when(keep, F.col("pixel_sumsq").getItem(c))).alias(f"q{c}")]
-    rows = ranked.groupBy("split", "label").agg(*aggs).collect()
+    # grouped by the window's own keys too, so the window's partitions serve the aggregate (no second shuffle); a
+    # class's own-test and ranked rows are added up here
+    rows = merged_by_split_and_label(ranked.groupBy("label", "_own", "split").agg(*aggs).collect(), channels)
     first = {(r["split"], r["label"]): r["first"] for r in rows}
     def cut(label: str, *splits: str) -> str:  # the first hash of any of `splits` in this class
         return min((first[s, label] for s in splits if first.get((s, label))), default=NO_CUT)
@@ -117,6 +119,21 @@ def plan_splits(unique: DataFrame, validation: float, test: float, has_own_test:
     for r in rows:
         per_label[r["label"]] = per_label.get(r["label"], 0) + int(r["rows"])
     return SplitPlan(cuts, totals, per_label)
+
+
+def merged_by_split_and_label(rows: list, channels: int) -> list[dict]:
+    """plan_splits' aggregate rows, one per (label, own test or not, split), added up per (split, label): the first
+    hash is the smaller, counts and sums add (a sum over no rows is None)."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        m = out.setdefault((r["split"], r["label"]), {"split": r["split"], "label": r["label"], "first": None, "n": 0,
+                                                      "rows": 0})
+        m["first"] = min((h for h in (m["first"], r["first"]) if h is not None), default=None)
+        m["n"] += r["n"]
+        m["rows"] += r["rows"]
+        for key in [f"{k}{c}" for c in range(channels) for k in "sq"]:
+            m[key] = r[key] if m.get(key) is None else m[key] + (r[key] or 0.0)
+    return list(out.values())
 
 
 def row_id() -> F.Column:

@@ -26,6 +26,7 @@ class Candidates:
     skipped: dict[str, int]
     description: dict[str, object]
     own_test: bool = False  # the source lists its own test set (rows with source_split 'test')
+    count: int | None = None  # how many rows, when the source knows without a job (decoding keeps one row each)
 
 
 # ------------------------------------------------------------------------------------------------ IDX
@@ -103,7 +104,7 @@ def idx_source(spark: SparkSession, folder: str, label_names: list[str] | None, 
     root = Path(folder)
     if not root.is_dir():
         raise PipelineError(f"IDX source folder not found: {folder}")
-    frames, own_test = [], 0
+    frames, own_test, count = [], 0, 0
     description: dict[str, object] = {"type": "idx", "path": str(root.resolve()), "files": {}}
     for split, (img_stem, lbl_stem) in IDX_PAIRS.items():
         if split == "test" and not any((root / (img_stem + s)).exists() for s in ("", ".gz")):
@@ -116,9 +117,10 @@ def idx_source(spark: SparkSession, folder: str, label_names: list[str] | None, 
             raise PipelineError(f"{images.path}: expected 2-D images, found dims {images.dims}")
         description["files"][split] = [images.path, labels.path]  # type: ignore[index]
         own_test += images.count if split == "test" else 0
+        count += images.count
         frames.append(_idx_rows(spark, images, labels, "test" if split == "test" else None, label_names, partitions))
     rows = frames[0] if len(frames) == 1 else frames[0].unionByName(frames[1])
-    return Candidates(rows, {}, description, own_test=own_test > 0)
+    return Candidates(rows, {}, description, own_test=own_test > 0, count=count)
 
 
 def _idx_rows(spark: SparkSession, images: IdxFile, labels: IdxFile, source_split: str | None,
@@ -151,8 +153,9 @@ def _idx_rows(spark: SparkSession, images: IdxFile, labels: IdxFile, source_spli
 
 def folder_source(spark: SparkSession, root: str) -> Candidates:
     """ROOT/<label>/**/<file>: the label is the first folder under ROOT (see raw_files.list_folder)."""
-    rows, skipped = list_folder(spark, root)
-    return Candidates(rows, skipped, {"type": "folder", "path": qualified_path(spark, root)})
+    listing = list_folder(spark, root)
+    return Candidates(listing.rows, listing.skipped, {"type": "folder", "path": qualified_path(spark, root)},
+                      count=listing.files)
 
 
 # ---------------------------------------------------------------------------------------------- table
