@@ -19,7 +19,7 @@ from pipelines.dataset.contract import SPLIT_COLUMNS, SPLITS, dataset_root, file
 from pipelines.errors import PipelineError, root_cause
 from pipelines.images import ImageSpec
 from pipelines.ingest import prepare, sources
-from pipelines.ingest.publish import Staging, parquet_row_groups
+from pipelines.ingest.publish import Staging, parquet_row_groups, parquet_rows
 from pipelines.progress import spark_task_progress
 from pipelines.raw_files import decode_candidates, file_read_settings, image_spec
 from pipelines.secrets import redacted_dict
@@ -157,10 +157,7 @@ def _decode_and_publish(spark: SparkSession, cfg: Config, cand: sources.Candidat
     with step("ingest", f"writing Parquet to {staging.path.parent}"):
         quarantine = decoded.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS).unionByName(
             dd.conflicts.select(*QUARANTINE_COLUMNS))
-        duplicates = dd.duplicates
-        if seen == n_unique:  # every file kept: both are empty, written without scanning the scratch copy for them
-            quarantine, duplicates = quarantine.limit(0), duplicates.limit(0)
-        write_version(staging, sp, quarantine, duplicates, ic, spec)
+        write_version(staging, sp, quarantine, dd.duplicates, ic, spec, kept_all=seen == n_unique)
     with step("ingest", "verifying the staged version") as s:
         manifest = verify_and_describe(spark, cfg, staging, spec, seen, cand, sp)
         s["note"] = (f"{manifest['counts']['rows']} rows + {manifest['counts']['quarantined']} quarantined + "
@@ -204,16 +201,20 @@ def split_and_measure(unique: DataFrame, plan: prepare.SplitPlan, kept: F.Column
 
 
 def write_version(staging: Staging, sp: Splits, quarantine: DataFrame, duplicates: DataFrame, ic: IngestConfig,
-                  spec: ImageSpec) -> None:
+                  spec: ImageSpec, kept_all: bool) -> None:
     """Write the splits (one job: the scratch copy's pixels are read once), quarantine and duplicates into the
-    staging folder together, then drop the scratch copy."""
+    staging folder together, then drop the scratch copy. `kept_all`: every file seen became a row, so quarantine and
+    duplicates are empty and are written from their schemas, without a job that scans the scratch copy for them."""
     row_group_bytes = ic.row_group_rows * (stored_bytes(ic, spec) + ROW_OVERHEAD_BYTES)
     splits = stored(sp.rows, ic, spec).select(*SPLIT_COLUMNS, "split")
+    writes = [lambda: staging.write_parts(splits, "split", SPLITS, ic.files_per_split, row_group_bytes, sort_by="id")]
+    if kept_all:
+        staging.write_empty("quarantine", quarantine.schema)
+        staging.write_empty("duplicates", duplicates.schema)
+    else:
+        writes += [lambda: staging.write(quarantine, "quarantine", 1), lambda: staging.write(duplicates, "duplicates", 1)]
     try:
-        run_concurrently(
-            [lambda: staging.write_parts(splits, "split", SPLITS, ic.files_per_split, row_group_bytes, sort_by="id"),
-             lambda: staging.write(quarantine, "quarantine", 1),
-             lambda: staging.write(duplicates, "duplicates", 1)])
+        run_concurrently(writes)
     except Exception as exc:  # a full disk, a folder gone: the cause, not Spark's job-aborted wrapper
         raise PipelineError(f"writing the new version of {ic.name} under {staging.root} failed "
                             f"({root_cause(exc)}); nothing was published") from exc
@@ -279,16 +280,15 @@ def verify_and_describe(spark: SparkSession, cfg: Config, staging: Staging, spec
     rows that ingest.skew_classes dropped), build the manifest."""
     union = functools.reduce(DataFrame.unionByName, [staging.read(spark, split).withColumn("split", F.lit(split))
                                                      for split in SPLITS])
-    # independent read-backs, submitted together (see run_concurrently)
-    summaries, reason_rows, duplicates = run_concurrently(
-        [lambda: split_summaries(union),
-         lambda: staging.read(spark, "quarantine").groupBy("reason").count().collect(),
-         lambda: staging.read(spark, "duplicates").count()])
+    # row counts from the written files' footers; reasons need a job only when something was quarantined
+    quarantined, duplicates = parquet_rows(staging.path / "quarantine"), parquet_rows(staging.path / "duplicates")
+    reasons_read = lambda: staging.read(spark, "quarantine").groupBy("reason").count().collect()  # noqa: E731
+    summaries, reason_rows = run_concurrently([lambda: split_summaries(union),
+                                               reasons_read if quarantined else lambda: []])
     split_counts = {split: summaries[split].rows if split in summaries else 0 for split in SPLITS}
     rows = sum(s.originals for s in summaries.values())
     digest = content_digest(list(summaries.values()), spec, sp.label_names, storage_label(cfg.ingest))
     reasons = {r["reason"]: int(r["count"]) for r in reason_rows}
-    quarantined = sum(reasons.values())
     if rows + quarantined + duplicates + sp.left_out != seen:
         raise PipelineError(f"count invariant broken: {rows} rows + {quarantined} quarantined + {duplicates} "
                             f"duplicates + {sp.left_out} left out by ingest.skew_classes != {seen} image files seen; "

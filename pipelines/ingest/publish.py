@@ -68,6 +68,16 @@ class Staging:
         df.write.mode("error").parquet(self.url(part))
         self.schemas[part] = df.schema
 
+    def write_empty(self, part: str, schema: StructType) -> None:
+        """An empty `part`: one Parquet file of `schema` and no rows, written here without a Spark job."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        (self.path / part).mkdir()
+        pq.write_table(pa.Table.from_pylist([], to_arrow_schema(schema)), self.path / part / "part-00000-empty.parquet")
+        self.schemas[part] = schema
+
     def write_parts(self, df: DataFrame, column: str, parts: tuple[str, ...], files: int, row_group_bytes: int,
                     sort_by: str) -> None:
         """One part per value of `column` (its rows without that column), written by one job that reads `df` once;
@@ -144,6 +154,11 @@ def _locked(path: Path, wait: bool) -> IO[str]:
         fh.close()
         raise
     return fh
+
+
+def parquet_rows(path: Path) -> int:
+    """Rows in a Parquet folder, from its files' footers."""
+    return sum(parquet_row_groups(path))
 
 
 def parquet_row_groups(path: Path) -> list[int]:

@@ -100,3 +100,17 @@ def test_write_parts_puts_each_value_in_its_own_folder_sorted_and_gives_an_empty
         assert len(counts) == 3 and sum(counts) == rows and max(counts) < 0.5 * rows
     assert pq.read_schema(next((staging.path / "validation").glob("*.parquet"))).names == ["id", "image"]
     staging.discard()
+
+
+def test_an_empty_part_is_written_without_spark_and_reads_back_with_its_schema(spark, tmp_path):
+    from pipelines.ingest.publish import parquet_rows
+
+    schema = spark.createDataFrame([], "path string, label string, reason string, detail string").schema
+    staging = Staging(str(tmp_path), "ds")
+    staging.write_empty("quarantine", schema)
+    assert parquet_rows(staging.path / "quarantine") == 0
+    assert staging.read(spark, "quarantine").count() == 0
+    assert spark.read.parquet(staging.url("quarantine")).schema == schema  # as a user reading the folder sees it
+    staging.write(spark.createDataFrame([("a", "b", "c", "d")] * 3, schema), "two", 1)
+    assert parquet_rows(staging.path / "two") == 3
+    staging.discard()
