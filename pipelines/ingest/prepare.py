@@ -123,16 +123,15 @@ def plan_splits(unique: DataFrame, validation: float, test: float, has_own_test:
 
 def merged_by_split_and_label(rows: list, channels: int) -> list[dict]:
     """plan_splits' aggregate rows, one per (label, own test or not, split), added up per (split, label): the first
-    hash is the smaller, counts and sums add (a sum over no rows is None)."""
+    hash is the smaller, counts and sums add (Spark's sum over no rows is None, counted as 0)."""
+    sums = [f"{k}{c}" for c in range(channels) for k in "sq"]
     out: dict[tuple[str, str], dict] = {}
     for r in rows:
-        m = out.setdefault((r["split"], r["label"]), {"split": r["split"], "label": r["label"], "first": None, "n": 0,
-                                                      "rows": 0})
+        m = out.setdefault((r["split"], r["label"]), {"split": r["split"], "label": r["label"], "first": None,
+                                                      **{key: 0 for key in ("n", "rows", *sums)}})
         m["first"] = min((h for h in (m["first"], r["first"]) if h is not None), default=None)
-        m["n"] += r["n"]
-        m["rows"] += r["rows"]
-        for key in [f"{k}{c}" for c in range(channels) for k in "sq"]:
-            m[key] = r[key] if m.get(key) is None else m[key] + (r[key] or 0.0)
+        for key in ("n", "rows", *sums):
+            m[key] += r[key] or 0
     return list(out.values())
 
 

@@ -479,7 +479,7 @@ def test_mixed_precision_trains_in_sync_and_registers_a_float32_model(spark, sma
     # val_accuracy too close to chance (0.1) for the bar. float16 is emulated on CPUs, so it trains lenet5, far
     # less compute than mnist_cnn.
     out = run_train(spark, cfg_for(small, f"train.mixed_precision={precision}", f"train.model={model}",
-                                   "train.epochs=6", "train.schedule=constant"))
+                                   "train.epochs=3", "train.schedule=constant"))
     assert out["precision"] == f"mixed_{precision}" and out["weights_in_sync"] and out["workers"] == 2
     assert out["metrics"]["val_accuracy"] > 0.3
     assert mlflow.get_run(out["run_id"]).data.tags["precision"] == f"mixed_{precision}"
