@@ -6,11 +6,14 @@ workers, same model, same per-worker batch size, same cores, measured side by si
 
 Goals: 1 worker >= 0.9x the in-memory images/s; 2 workers not slower in total than 1; input wait < 5%.
 Figures are taken from the last epoch (the first one includes graph tracing in both). The ceiling line runs two
-independent single-thread in-memory fits at once (no Horovod): how much 2 workers could reach here at best.
+independent single-thread in-memory fits at once (no Horovod): how much 2 workers could reach here at best. A short
+2-worker run with train.horovod_timeline breaks a step down: the compute until rank 0's last gradient, the wait on
+Horovod after it, and how long a gradient allreduce ran beside the compute.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 
@@ -83,6 +86,48 @@ def two_processes_ceiling(manifest, train_dir, model_name: str, batch: int, epoc
                                  for i in range(2)]))
 
 
+def _allreduce_cost(nbytes: int, repeats: int) -> dict:
+    """One Horovod process of gloo_allreduce_cost: its wall and CPU milliseconds per allreduce."""
+    import resource
+
+    import numpy as np
+    import tensorflow as tf
+    import horovod.tensorflow as hvd
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    hvd.init()
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[hvd.rank() % len(os.sched_getaffinity(0))]})
+    grads = tf.constant(np.ones(nbytes // 4, np.float32))
+    for _ in range(10):  # Horovod's response cache and Gloo's buffers warm
+        hvd.allreduce(grads, op=hvd.Sum)
+    usage, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(repeats):
+        hvd.allreduce(grads, op=hvd.Sum)
+    wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime - usage.ru_utime + after.ru_stime - usage.ru_stime
+    return {"wall_ms": 1000 * wall / repeats, "cpu_ms": 1000 * cpu / repeats}
+
+
+def gloo_allreduce_cost(nbytes: int, cycle_ms: float | None, repeats: int = 200) -> dict:
+    """Milliseconds of wall time and of CPU time per worker that one Horovod allreduce of `nbytes` (a step's
+    gradients) takes between 2 processes on their own cores with nothing else to do, over Gloo on the loopback
+    interface as training runs it: the price of the communication alone, Gloo's and the kernel's, not ours."""
+    import horovod
+
+    os.environ.update({"HOROVOD_GLOO_IFACE": "lo", **({"HOROVOD_CYCLE_TIME": f"{cycle_ms:g}"} if cycle_ms else {})})
+    per_rank = horovod.run(_allreduce_cost, args=(nbytes, repeats), np=2, use_gloo=True, hosts="localhost:2")
+    return {k: median(r[k] for r in per_rank) for k in ("wall_ms", "cpu_ms")}
+
+
+def gradient_bytes(manifest, model_name: str) -> int:
+    """Bytes of the gradients a step allreduces: every trainable weight, float32 (as the variables are, in mixed
+    precision too)."""
+    from pipelines.models import build_model
+
+    model = build_model(model_name, manifest.shape, manifest.num_classes, manifest.mean, manifest.std)
+    return 4 * sum(int(w.shape.num_elements()) for w in model.trainable_weights)
+
+
 def epoch_rates(cfg, run_id: str) -> list[float]:
     """The run's images/s of each epoch after the first (which traces), from its MLflow metrics."""
     from mlflow import MlflowClient
@@ -121,6 +166,9 @@ def main() -> None:
     for workers in (1, 2):
         out = run_train(spark, load_config([ROOT / "conf/local.yaml"], base + [f"train.num_proc={workers}"]))
         results[workers] = {**out["metrics"], "precision": out["precision"], "rates": epoch_rates(cfg, out["run_id"])}
+    # where a 2-worker step's time goes, from Horovod's timeline, in a run of its own (the trace costs a little)
+    steps = run_train(spark, load_config([ROOT / "conf/local.yaml"], base + [
+        "train.num_proc=2", "train.epochs=2", "train.horovod_timeline=true"]))["horovod_timeline"]
     spark.stop()
     policy = results[1]["precision"]  # the workers' dtype policy (train.mixed_precision on this machine)
     if results[2]["precision"] != policy:
@@ -148,10 +196,28 @@ def main() -> None:
     print(f"  {'ceiling: 2 independent 1-thread fits, total':<48} {ceiling:>10.1f} images/s "
           f"({ceiling / median(baseline):.2f}x the 2-thread in-memory fit; 2 workers reach {two['images_per_second'] / ceiling:.2f}x of it)")
 
+    one_thread_ms = 1000 * args.batch_size / (ceiling / 2)  # a step of one of the 2 independent 1-thread fits
+    nbytes = gradient_bytes(manifest, args.model)
+    gloo = gloo_allreduce_cost(nbytes, cfg.train.horovod_cycle_time_ms)
+    print(f"  {'2 workers, a step (Horovod timeline, rank 0)':<48} {steps['step_ms']:>10.1f} ms: compute "
+          f"{steps['compute_ms']:.1f} + waiting on Horovod after the last gradient {steps['tail_ms']:.1f}; a gradient "
+          f"allreduce ran {steps['allreduce_ms']:.1f} ms of it, beside the compute (a step at 1 thread without Horovod: "
+          f"{one_thread_ms:.1f} ms)")
+    print(f"  {f'Gloo allreduce of {nbytes / 2**20:.1f} MiB, 2 idle processes':<48} {gloo['wall_ms']:>10.1f} ms "
+          f"wall, {gloo['cpu_ms']:.1f} ms of CPU per worker")
+
     what = f"training, {args.model}, batch {args.batch_size}/worker, {policy}"
     record(f"{what}, 1 Horovod worker vs model.fit", baseline, one["rates"], "img/s", 0.9)
     record(f"{what}, 2 Horovod workers vs 1", one["rates"], two["rates"], "img/s", 1.0,
            note=f"ceiling (2 independent 1-thread fits): {ceiling:.0f} img/s")
+    record(f"{what}, 2 workers: ms a step (Horovod timeline) vs a 1-thread step without Horovod", [one_thread_ms],
+           [steps["step_ms"]], "ms", None, lower_is_better=True,
+           note=f"compute {steps['compute_ms']:.1f} ms + waiting on Horovod after the last gradient "
+                f"{steps['tail_ms']:.1f} ms; a gradient allreduce ran {steps['allreduce_ms']:.1f} ms of the step, "
+                f"beside the compute (medians of {steps['steps']} steps, rank 0)")
+    record(f"Gloo allreduce of {args.model}'s gradients ({nbytes / 2**20:.1f} MiB), 2 processes on their own cores, "
+           "ms of CPU per worker", None, [gloo["cpu_ms"]], "ms", None,
+           note=f"{gloo['wall_ms']:.1f} ms of wall time; nothing else running: the communication's own price")
     for n, r in ((1, one), (2, two)):
         record(f"{what}, input wait, {n} worker(s)", None, [100 * r["input_wait_fraction"]], "% of step time", None,
                note="goal: under 5%")

@@ -162,6 +162,7 @@ class TrainConfig:
     mixed_precision: Literal["auto", "on", "off", "float16", "bfloat16"]
     fp16_allreduce: bool = field(metadata=RESUMABLE)
     horovod_cycle_time_ms: Optional[float] = field(metadata=RESUMABLE)
+    horovod_timeline: bool = field(metadata=RESUMABLE)
     max_restarts: int = field(metadata=RESUMABLE)
     elastic: bool = field(metadata=RESUMABLE)
     elastic_min_workers: int = field(metadata=RESUMABLE)

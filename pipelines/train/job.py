@@ -20,9 +20,10 @@ from pipelines.errors import PipelineError
 from pipelines.storage import check_writable
 from pipelines.train import checkpoints as ck
 from pipelines.train.launch import check_elastic_master, check_task_slots
-from pipelines.train.mlflow_logging import log_final, log_model, log_resume, log_start
+from pipelines.train.mlflow_logging import log_final, log_model, log_resume, log_start, log_timeline
 from pipelines.train.restarts import log_missing_epochs, run_workers_restarting
 from pipelines.train.spec import WorkerSpec, steps_per_epoch, training_data, worker_spec
+from pipelines.train.timeline import TIMELINE_FILE, describe
 from pipelines.train.worker import train_worker
 
 
@@ -62,10 +63,24 @@ def run_train(spark: SparkSession, cfg: Config, resume: str | None = None,
             results = run_workers_restarting(spark, worker_fn, spec)
             log_missing_epochs(spec, results[0]["history"])  # an epoch rank 0 could not log (the server was down)
             outcome = record_results(cfg, manifest, results)
+            outcome["horovod_timeline"] = report_timeline(spec.checkpoint_dir) if t.horovod_timeline else None
     took = time.perf_counter() - started
     say("train", finished_line(cfg, run_id, outcome, took))
     return {"stage": "train", "run_id": run_id, "registered_model": cfg.mlflow.registered_model, "dataset": ds.ref,
             **outcome, "seconds": round(took, 1)}
+
+
+def report_timeline(checkpoint_dir: str) -> dict[str, float] | None:
+    """train.horovod_timeline: the trace logged, its per-step breakdown said and returned (None: nothing to break
+    down, as with one worker)."""
+    path = Path(checkpoint_dir) / TIMELINE_FILE
+    steps = log_timeline(path)
+    if steps is None:
+        say("train", f"Horovod timeline: {path} (no gradient allreduce in it)" if path.is_file()
+            else "Horovod timeline: the workers wrote none")
+        return None
+    say("train", f"{describe(steps)}; trace: {path}")
+    return {**dataclasses.asdict(steps), "compute_ms": round(steps.compute_ms, 2)}
 
 
 def checked_backbone(t: TrainConfig, manifest: Manifest) -> TrainConfig:

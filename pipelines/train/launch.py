@@ -24,6 +24,7 @@ from pipelines.progress import ProgressLine, progress_text
 from pipelines.signals import SignalWatch, Stopped, signal_name
 from pipelines.spark import local_cores, local_task_failures
 from pipelines.train import checkpoints as ck
+from pipelines.train.timeline import TIMELINE_FILE
 
 
 class WorkerOutput(io.TextIOBase):
@@ -231,11 +232,13 @@ def check_elastic_master(spark: SparkSession, t: TrainConfig) -> None:
                           f"local[{local_cores(master)},{t.max_restarts + 1}] (local[N,F]: a task may fail F times)")
 
 
-def worker_process_env(t: TrainConfig, tracking_uri: str) -> dict[str, str]:
+def worker_process_env(t: TrainConfig, tracking_uri: str, checkpoint_dir: str) -> dict[str, str]:
     """The environment of every Horovod worker process."""
     env = child_env(MLFLOW_TRACKING_URI=tracking_uri)
     if t.horovod_cycle_time_ms is not None:
         env["HOROVOD_CYCLE_TIME"] = f"{t.horovod_cycle_time_ms:g}"  # Horovod reads it in milliseconds
+    if t.horovod_timeline:  # Horovod: rank 0 records every worker's collectives there (each launch starts it anew)
+        env["HOROVOD_TIMELINE"] = str(Path(checkpoint_dir) / TIMELINE_FILE)
     if t.elastic:
         # Horovod: no response cache in elastic mode. With it, a worker that rejoins a ring whose survivor has been
         # training on disagrees with the survivor about the cached collectives, and Gloo aborts both
@@ -296,8 +299,8 @@ def horovod_run(worker_fn: Callable[[Any], dict], spec: Any, t: TrainConfig, out
     workers, each ring waiting up to timeout_s for its workers."""
     import horovod.spark
 
-    common = dict(args=(spec,), num_proc=t.num_proc, env=worker_process_env(t, spec.tracking_uri), stdout=out,
-                  stderr=out, verbose=2 if is_verbose() else 0, start_timeout=t.timeout_s)
+    common = dict(args=(spec,), num_proc=t.num_proc, env=worker_process_env(t, spec.tracking_uri, spec.checkpoint_dir),
+                  stdout=out, stderr=out, verbose=2 if is_verbose() else 0, start_timeout=t.timeout_s)
     if t.elastic:
         return horovod.spark.run_elastic(worker_fn, min_num_proc=t.elastic_min_workers, max_num_proc=t.num_proc,
                                          elastic_timeout=t.timeout_s, **common)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from pipelines import tracking
@@ -11,6 +12,7 @@ from pipelines.config import Config
 from pipelines.console import hush
 from pipelines.dataset.contract import DatasetVersion, Manifest
 from pipelines.secrets import redacted_dict
+from pipelines.train.timeline import StepBreakdown, breakdown, read_events
 
 # What loading the model needs; listing them skips MLflow's inference, which imports the model in a fresh
 # interpreter on every log (most of log_model's time) and leaves out tf-keras, which TensorFlow 2.16 needs for it.
@@ -134,3 +136,18 @@ def log_resume(cfg: Config, start_epoch: int, changed: list[tuple[str, str, str]
         mlflow.MlflowClient().delete_tag(run, "error")
     mlflow.log_dict(redacted_dict(cfg.to_dict()), f"config_resumed_at_epoch_{start_epoch + 1}.yaml")
 
+
+def log_timeline(path: Path) -> StepBreakdown | None:
+    """train.horovod_timeline: rank 0's trace as the artifact horovod/horovod_timeline.json and its per-step
+    breakdown as horovod_* metrics; the breakdown, None when there is no trace or no gradient allreduce in it (one
+    worker)."""
+    import mlflow
+
+    if not path.is_file():
+        return None
+    mlflow.log_artifact(str(path), "horovod")
+    steps = breakdown(read_events(path))
+    if steps is not None:
+        mlflow.log_metrics({"horovod_step_ms": steps.step_ms, "horovod_allreduce_ms": steps.allreduce_ms,
+                            "horovod_tail_ms": steps.tail_ms})
+    return steps

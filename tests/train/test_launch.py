@@ -93,13 +93,17 @@ def test_the_printer_prints_each_complete_epoch_once_and_skips_earlier_launches(
 
 def test_workers_get_the_required_environment_and_the_drivers_verbosity(cfg_factory, monkeypatch):
     monkeypatch.setenv(VERBOSE_VAR, "0")
-    env = worker_process_env(cfg_factory("train.horovod_cycle_time_ms=2.5").train, "sqlite:///m.db")
+    env = worker_process_env(cfg_factory("train.horovod_cycle_time_ms=2.5").train, "sqlite:///m.db", "/ck/run")
     assert env["TF_USE_LEGACY_KERAS"] == "1" and env[VERBOSE_VAR] == "0" and env["TF_CPP_MIN_LOG_LEVEL"] == "3"
     assert env["MLFLOW_TRACKING_URI"] == "sqlite:///m.db" and env["HOROVOD_CYCLE_TIME"] == "2.5"
-    assert "HOROVOD_CYCLE_TIME" not in worker_process_env(cfg_factory().train, "x")
+    assert "HOROVOD_CYCLE_TIME" not in worker_process_env(cfg_factory().train, "x", "/ck/run")
     # elastic mode runs without Horovod's response cache: with it, rejoining workers were aborted by Gloo
-    assert worker_process_env(cfg_factory("train.elastic=true").train, "x")["HOROVOD_CACHE_CAPACITY"] == "0"
-    assert "HOROVOD_CACHE_CAPACITY" not in worker_process_env(cfg_factory().train, "x")
+    assert worker_process_env(cfg_factory("train.elastic=true").train, "x", "/ck/run")["HOROVOD_CACHE_CAPACITY"] == "0"
+    assert "HOROVOD_CACHE_CAPACITY" not in worker_process_env(cfg_factory().train, "x", "/ck/run")
+    # the timeline goes into the run's checkpoint folder, only when asked for
+    timeline = worker_process_env(cfg_factory("train.horovod_timeline=true").train, "x", "/ck/run")
+    assert timeline["HOROVOD_TIMELINE"] == "/ck/run/horovod_timeline.json"
+    assert "HOROVOD_TIMELINE" not in env
 
 
 def test_an_epoch_line_names_the_ring_size_only_when_elastic_mode_lost_a_worker():

@@ -61,7 +61,8 @@ def test_two_workers_train_in_sync_and_log_everything(spark, small):
             shard_rows.append(sum(len(b.label) for b in reader))
     assert sum(shard_rows) == ingested["counts"]["splits"]["train"]
     assert shard_rows[0] != shard_rows[1], "the fixture must give the two workers uneven shards"
-    cfg = cfg_for(small, "train.epochs=4", "train.bind_cores=true", "mlflow.system_metrics_seconds=1")
+    cfg = cfg_for(small, "train.epochs=4", "train.bind_cores=true", "mlflow.system_metrics_seconds=1",
+                  "train.horovod_timeline=true")
     with ListeningSampler() as listening:
         out = run_train(spark, cfg)
     assert out["workers"] == 2 and out["weights_in_sync"]
@@ -91,6 +92,12 @@ def test_two_workers_train_in_sync_and_log_everything(spark, small):
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == out["dataset"]
     artifacts = {a.path for a in client.list_artifacts(out["run_id"])}
     assert {"learning_curve.png", "config.yaml"} <= artifacts
+    # Horovod's timeline: rank 0's trace as an artifact, one round of gradient allreduces per step, broken down
+    assert [a.path for a in client.list_artifacts(out["run_id"], "horovod")] == ["horovod/horovod_timeline.json"]
+    steps = out["horovod_timeline"]
+    assert steps["steps"] == out["steps_per_worker"], steps
+    assert 0 < steps["allreduce_ms"] < steps["step_ms"] and 0 <= steps["tail_ms"] < steps["step_ms"], steps
+    assert run.data.metrics["horovod_step_ms"] == steps["step_ms"]
     model = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}/{out['version']}")
     probs = model.predict(np.zeros((3, 28, 28, 1), dtype=np.uint8))
     assert np.asarray(probs).shape == (3, 10)
