@@ -25,12 +25,13 @@ class Collective:
 
 @dataclass(frozen=True)
 class StepBreakdown:
-    """Medians over the run's training steps, in milliseconds, seen from rank 0."""
-    steps: int          # gradient allreduce rounds found: one per training step
-    step_ms: float      # from one step's first gradient being ready to the next step's
+    """Medians over the run's training steps, in milliseconds, seen from rank 0. `tail_ms` runs from rank 0's last
+    gradient being ready to the step's last allreduce ending: the step waits on the other workers, Horovod's
+    negotiation cycle and the allreduce itself."""
+    steps: int           # gradient allreduce rounds found: one per training step
+    step_ms: float       # from one step's first gradient being ready to the next step's
     allreduce_ms: float  # time within a step during which a gradient allreduce ran (the Gloo ring and its copies)
-    tail_ms: float      # from rank 0's last gradient being ready to the step's last allreduce ending: the step
-    #                     waits on the other workers, Horovod's negotiation cycle and the allreduce itself
+    tail_ms: float
 
     @property
     def compute_ms(self) -> float:
