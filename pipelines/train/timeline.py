@@ -17,10 +17,7 @@ from statistics import median
 TIMELINE_FILE = "horovod_timeline.json"  # in the run's checkpoint folder; an MLflow artifact after the run
 
 
-@dataclass(frozen=True)
-class Collective:
-    """One collective of one tensor on rank 0: its spans by name, (begin, end) in microseconds."""
-    spans: dict[str, tuple[int, int]]
+Collective = dict[str, tuple[int, int]]  # one collective of one tensor on rank 0: span name -> (begin, end), in µs
 
 
 @dataclass(frozen=True)
@@ -58,11 +55,11 @@ def collectives(events: list[dict]) -> dict[int, list[Collective]]:
         track, phase = e.get("pid"), e.get("ph")
         if phase == "B":
             if e["name"].startswith("NEGOTIATE"):
-                out.setdefault(track, []).append(Collective({}))
+                out.setdefault(track, []).append({})
             open_spans.setdefault(track, []).append((e["name"], e["ts"]))
         elif phase == "E" and open_spans.get(track) and out.get(track):
             name, begin = open_spans[track].pop()
-            out[track][-1].spans[name] = (begin, e["ts"])
+            out[track][-1][name] = (begin, e["ts"])
     return out
 
 
@@ -81,18 +78,21 @@ def breakdown(events: list[dict]) -> StepBreakdown | None:
     """Per-step medians from a timeline's events; None without at least two rounds of gradient allreduces (one
     worker has none)."""
     tracks = {t: c for t, c in collectives(events).items()
-              if c and all("NEGOTIATE_ALLREDUCE" in x.spans and "ALLREDUCE" in x.spans for x in c)}
+              if c and all("NEGOTIATE_ALLREDUCE" in x and "ALLREDUCE" in x for x in c)}
     steps = max((len(c) for c in tracks.values()), default=0)
     if steps < 2:  # a step's time needs two rounds
         return None
     rounds = [[c[k] for c in tracks.values() if len(c) == steps] for k in range(steps)]
-    starts = [min(x.spans["NEGOTIATE_ALLREDUCE"][0] for x in r) for r in rounds]
-    ready = [max(x.spans["NEGOTIATE_ALLREDUCE"][0] for x in r) for r in rounds]
-    ends = [max(x.spans["ALLREDUCE"][1] for x in r) for r in rounds]
-    running = [covered([x.spans["ALLREDUCE"] for x in r]) for r in rounds]
-    ms = lambda values: round(median(values) / 1000, 2) if values else 0.0  # noqa: E731
-    return StepBreakdown(steps=steps, step_ms=ms([b - a for a, b in zip(starts, starts[1:])]),
-                         allreduce_ms=ms(running), tail_ms=ms([e - r for r, e in zip(ready, ends)]))
+    starts = [min(x["NEGOTIATE_ALLREDUCE"][0] for x in r) for r in rounds]
+    ready = [max(x["NEGOTIATE_ALLREDUCE"][0] for x in r) for r in rounds]
+    ends = [max(x["ALLREDUCE"][1] for x in r) for r in rounds]
+    running = [covered([x["ALLREDUCE"] for x in r]) for r in rounds]
+    return StepBreakdown(steps=steps, step_ms=_median_ms([b - a for a, b in zip(starts, starts[1:])]),
+                         allreduce_ms=_median_ms(running), tail_ms=_median_ms([e - r for r, e in zip(ready, ends)]))
+
+
+def _median_ms(microseconds: list[int]) -> float:
+    return round(median(microseconds) / 1000, 2)
 
 
 def describe(b: StepBreakdown) -> str:

@@ -5,12 +5,12 @@ import pytest
 from pipelines.train.timeline import breakdown, covered, describe, read_events
 
 
-def _trace(steps: list[tuple[int, list[tuple[int, int, int]]]]) -> list[dict]:
+def _trace(steps: list[list[tuple[int, int, int]]]) -> list[dict]:
     """A Horovod-style trace: two gradient tracks (pid 1, 2) and a metric track (pid 3, allreduced once). Each step:
-    (unused, [(negotiate_begin, allreduce_begin, allreduce_end) per gradient track]), microseconds."""
+    [(negotiate_begin, allreduce_begin, allreduce_end) per gradient track], microseconds."""
     events = [{"name": "process_name", "ph": "M", "pid": p, "args": {"name": n}}
               for p, n in ((1, "grads_0"), (2, "grads_1"), (3, "HorovodAllreduce"))]
-    for _, tracks in steps:
+    for tracks in steps:
         for pid, (neg, begin, end) in zip((1, 2), tracks):
             events += [{"ph": "B", "name": "NEGOTIATE_ALLREDUCE", "ts": neg, "pid": pid},
                        {"ph": "X", "name": "1", "ts": neg + 1, "pid": pid, "dur": 0},
@@ -25,7 +25,7 @@ def _trace(steps: list[tuple[int, list[tuple[int, int, int]]]]) -> list[dict]:
 
 
 # three steps of 50 ms: the first gradient ready at +20 ms, the second at +35 ms; allreduces 20-30 and 38-44 ms
-STEPS = [(0, [(t + 20_000, t + 22_000, t + 30_000), (t + 35_000, t + 38_000, t + 44_000)]) for t in (0, 50_000, 100_000)]
+STEPS = [[(t + 20_000, t + 22_000, t + 30_000), (t + 35_000, t + 38_000, t + 44_000)] for t in (0, 50_000, 100_000)]
 
 
 def test_a_trace_breaks_down_into_step_allreduce_and_tail_time_per_step():
