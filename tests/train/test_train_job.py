@@ -499,11 +499,12 @@ def test_mixed_precision_trains_in_sync_and_registers_a_float32_model(spark, sma
 def test_class_weights_and_augmentation_train_in_sync_and_learn(spark, small):
     """Both change what every worker feeds its step (per-example loss weights; shifted and flipped images)."""
     # mnist_cnn has no BatchNorm, whose moving statistics after a few dozen steps make vgg_small's validation accuracy
-    # swing; 6 epochs take it past the steep part of its curve: this asks whether the weighted, augmented feed learns
+    # swing; at 3x the default rate 6 epochs (about 110 steps) reach the flat part of its curve, where the default
+    # rate left the last epoch still on the steep part: this asks whether the weighted, augmented feed learns
     out = run_train(spark, cfg_for(small, "train.model=mnist_cnn", "train.class_weights=true", "train.augment=true",
-                                   "train.epochs=6", "train.schedule=constant"))
+                                   "train.epochs=6", "train.schedule=constant", "train.learning_rate=0.003"))
     assert out["weights_in_sync"] and out["workers"] == 2
-    assert out["metrics"]["val_accuracy"] > 0.3, out["metrics"]  # chance is 0.1; runs gave 0.47 to 0.78
+    assert out["metrics"]["val_accuracy"] > 0.55, out["metrics"]  # chance is 0.1
     params = mlflow.get_run(out["run_id"]).data.params
     assert params["train.class_weights"] == "True" and params["train.augment"] == "True"
 
