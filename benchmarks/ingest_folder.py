@@ -96,12 +96,6 @@ def plain_loop(files, out, spec) -> None:
     pq.write_table(pa.table({"image": pa.array(decoded["image"], pa.binary()), "label": decoded["label"]}), out)
 
 
-def _loop_part(args: tuple) -> None:
-    """One of two_loops_ceiling's processes: the plain loop over every second file, into its own file."""
-    files, out, spec = args
-    plain_loop(files, out, spec)
-
-
 def two_loops_ceiling(files, spec) -> float:
     """Total images/s of two plain loops at once, each on every second file, in processes of their own (no Spark,
     nothing shared): what 2 cores give this per-file work on this machine, the ceiling of any parallel ingest."""
@@ -109,9 +103,9 @@ def two_loops_ceiling(files, spec) -> float:
 
     with mp.get_context("spawn").Pool(2) as pool:
         # process start and imports are not the work: a first call on 4 files each
-        pool.map(_loop_part, [(files[i:8:2], BENCH_DIR / f"ceiling_{i}.parquet", spec) for i in range(2)])
+        pool.starmap(plain_loop, [(files[i:8:2], BENCH_DIR / f"ceiling_{i}.parquet", spec) for i in range(2)])
         t0 = time.perf_counter()
-        pool.map(_loop_part, [(files[i::2], BENCH_DIR / f"ceiling_{i}.parquet", spec) for i in range(2)])
+        pool.starmap(plain_loop, [(files[i::2], BENCH_DIR / f"ceiling_{i}.parquet", spec) for i in range(2)])
         return len(files) / (time.perf_counter() - t0)
 
 
@@ -141,13 +135,14 @@ def compare(spark, n: int, size: int, repeats: int) -> None:
     photos = BENCH_DIR / "photos"
     files = build_photos(photos, n)
     cfg = ingest_config(photos, "bench_photos", size)
+    spec = image_spec(cfg)
     loop, job, ceiling = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        plain_loop(files, BENCH_DIR / "baseline.parquet", image_spec(cfg))
+        plain_loop(files, BENCH_DIR / "baseline.parquet", spec)
         loop.append(n / (time.perf_counter() - t0))
         job.append(n / ingest_seconds(spark, cfg))
-        ceiling.append(two_loops_ceiling(files, image_spec(cfg)))
+        ceiling.append(two_loops_ceiling(files, spec))
     report(f"folder ingest, {n} JPEG photos 960x720 -> {size}x{size}x3, 2 cores, median of {repeats}",
            [("single-process loop (raw_files.decode_batches + pyarrow)", median(loop), "images/s"),
             ("sparkvision ingest on local[2] (whole job)", median(job), "images/s"),
