@@ -97,13 +97,25 @@ def get_spark(cfg: Config) -> SparkSession:
         builder = builder.config(key, value)
     with keep_stop_handlers():  # the job's Ctrl-C handling, not PySpark's
         spark = builder.getOrCreate()
-    on_stop("cancel Spark jobs", spark.sparkContext.cancelAllJobs)  # what PySpark's own Ctrl-C handler did
+    on_stop("cancel Spark jobs", lambda: cancel_jobs_until_stopped(spark))  # as PySpark's own Ctrl-C handler did
     # petastorm reads its cache location from the session conf (not a Spark key: set after start).
     cache_dir = resolve_path(cfg.paths.datasets_root).parent / "petastorm-cache"
     spark.conf.set("petastorm.spark.converter.parentCacheDirUrl", cache_dir.as_uri())
     # WARN with --verbose; errors only by default, so a run prints one line per stage.
     spark.sparkContext.setLogLevel("WARN" if is_verbose() else "ERROR")
     return spark
+
+
+def cancel_jobs_until_stopped(spark: SparkSession, every_s: float = 0.5) -> None:
+    """After a stop signal: cancel Spark's jobs now and every `every_s` until the SparkContext is stopped (then the
+    call fails, which ends the loop) or the process exits.
+
+    Once is not enough: a signal that arrives while the driver is still planning a job (a loaded machine takes seconds)
+    finds nothing to cancel, and the job then runs to its end, with the main thread waiting on it inside the py4j call
+    the signal interrupted."""
+    while True:
+        spark.sparkContext.cancelAllJobs()
+        time.sleep(every_s)
 
 
 @contextlib.contextmanager

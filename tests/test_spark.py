@@ -136,6 +136,37 @@ def test_ctrl_c_during_a_spark_job_stops_quietly_and_promptly(tmp_path, to):
     assert time.monotonic() - started < 20  # a workflow task's SIGTERM-to-SIGKILL grace
 
 
+def test_a_job_submitted_after_the_stop_signal_is_cancelled_too(tmp_path):
+    """A signal that arrives while the driver is still planning a job finds nothing to cancel: the job then ran to its
+    end (a loaded CI machine hung here). Cancelling goes on until the SparkContext stops, then ends."""
+    import subprocess
+    import sys
+
+    code = ("import threading, time\n"
+            "from pipelines.config import load_config\n"
+            "from pipelines.spark import cancel_jobs_until_stopped, get_spark\n"
+            f"spark = get_spark(load_config([], ['spark.master=local[2]', 'paths.datasets_root={tmp_path}/d']))\n"
+            "canceller = threading.Thread(target=cancel_jobs_until_stopped, args=(spark,), daemon=True)\n"
+            "canceller.start()\n"
+            "time.sleep(1)  # the first cancel has found no job\n"
+            "slow = lambda batches: (time.sleep(300) or b for b in batches)\n"
+            "started = time.monotonic()\n"
+            "try:\n"
+            "    spark.range(0, 2, 1, 2).mapInPandas(slow, 'id long').collect()\n"
+            "    print('finished')\n"
+            "except Exception as exc:\n"
+            "    print('cancelled' if 'cancelled' in str(exc) else str(exc)[:300], round(time.monotonic() - started))\n"
+            "spark.stop()\n"
+            "canceller.join(5)\n"
+            "print('canceller alive:', canceller.is_alive())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_GATEWAY_PORT", "SPARKVISION_VERBOSE")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    outcome, took = res.stdout.splitlines()[0].rsplit(" ", 1)
+    assert outcome == "cancelled" and int(took) < 60, res.stdout
+    assert res.stdout.splitlines()[1] == "canceller alive: False"
+
+
 @pytest.mark.parametrize("master,elastic,expected", [
     ("local[2]", "true", "local[2,3]"),  # elastic: a lost worker's Spark task must be run again
     ("local[2]", "false", "local[2]"),
