@@ -154,6 +154,13 @@ def log_to_mlflow(rows: list[dict], m: dict, quick: bool) -> str:
         return run.info.run_id
 
 
+def readme_heading(m: dict) -> str:
+    """The CPU model and its widest matrix or vector unit: two AMD EPYC VMs, one with AVX-512 and one with AVX2 only,
+    are different kinds (the same model name, different figures)."""
+    unit = "AMX" if m["amx"] else "AVX-512, no AMX" if m["avx512"] else "AVX2, no AVX-512"
+    return f"{m['cpu']} ({unit})"
+
+
 def update_readme(table: str, m: dict) -> None:
     """Replace this CPU kind's block in README.md's benchmark section; other kinds' blocks stay."""
     readme = ROOT / "README.md"
@@ -162,7 +169,7 @@ def update_readme(table: str, m: dict) -> None:
         raise SystemExit(f"README.md has no {START} ... {END} section to update")
     head, rest = text.split(START, 1)
     body, tail = rest.split(END, 1)
-    kind = f"#### {m['cpu']} ({'AMX' if m['amx'] else 'no AMX'})"
+    kind = f"#### {readme_heading(m)}"
     blocks = [b.strip() for b in re.split(r"(?m)^(?=#### )", body) if b.strip().startswith("#### ")]
     blocks = [b for b in blocks if b.splitlines()[0] != kind] + [f"{kind}\n\n{table.strip()}"]
     readme.write_text(f"{head}{START}\n" + "\n\n".join(sorted(blocks)) + f"\n{END}{tail}")

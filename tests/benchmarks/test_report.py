@@ -62,15 +62,18 @@ def test_the_table_shows_min_median_max_and_which_goals_were_missed(common, runn
 
 def test_the_readme_keeps_every_cpu_kinds_table_and_replaces_this_ones(runner, tmp_path, monkeypatch):
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{runner.START}\n#### Intel Xeon (AMX)\n\nold intel\n\n#### AMD EPYC (no AMX)\n\n"
+    readme.write_text(f"intro\n{runner.START}\n#### Intel Xeon (AMX)\n\nold intel\n\n#### AMD EPYC (AVX-512, no AMX)\n\n"
                       f"old amd\n{runner.END}\nafter\n")
     monkeypatch.setattr(runner, "ROOT", tmp_path)
-    runner.update_readme("new amd", {"cpu": "AMD EPYC", "amx": False})
+    runner.update_readme("new amd", {"cpu": "AMD EPYC", "amx": False, "avx512": True})
     text = readme.read_text()
     assert "old intel" in text and "new amd" in text and "old amd" not in text
     assert text.startswith("intro\n") and text.endswith(f"{runner.END}\nafter\n")
-    runner.update_readme("an AMX one", {"cpu": "Intel Sapphire", "amx": True})
+    runner.update_readme("an AMX one", {"cpu": "Intel Sapphire", "amx": True, "avx512": True})
     assert readme.read_text().count("#### ") == 3
+    runner.update_readme("an AVX2 amd", {"cpu": "AMD EPYC", "amx": False, "avx512": False})  # same model, no AVX-512
+    text = readme.read_text()
+    assert text.count("#### ") == 4 and "new amd" in text and "#### AMD EPYC (AVX2, no AVX-512)\n\nan AVX2 amd" in text
 
 
 def test_a_goal_never_reached_is_a_row_with_no_pipeline_figure_and_its_note(common, runner, monkeypatch):
