@@ -97,13 +97,18 @@ def get_spark(cfg: Config) -> SparkSession:
         builder = builder.config(key, value)
     with keep_stop_handlers():  # the job's Ctrl-C handling, not PySpark's
         spark = builder.getOrCreate()
-    on_stop("cancel Spark jobs", lambda: cancel_jobs_until_stopped(spark))  # as PySpark's own Ctrl-C handler did
+    cancel_jobs_on_stop(spark)  # as PySpark's own Ctrl-C handler did
     # petastorm reads its cache location from the session conf (not a Spark key: set after start).
     cache_dir = resolve_path(cfg.paths.datasets_root).parent / "petastorm-cache"
     spark.conf.set("petastorm.spark.converter.parentCacheDirUrl", cache_dir.as_uri())
     # WARN with --verbose; errors only by default, so a run prints one line per stage.
     spark.sparkContext.setLogLevel("WARN" if is_verbose() else "ERROR")
     return spark
+
+
+def cancel_jobs_on_stop(spark: SparkSession) -> None:
+    """When a stop signal arrives, cancel this session's Spark jobs (one canceller per process, whoever asks)."""
+    on_stop("cancel Spark jobs", lambda: cancel_jobs_until_stopped(spark))
 
 
 def cancel_jobs_until_stopped(spark: SparkSession, every_s: float = 0.5) -> None:

@@ -4,6 +4,20 @@ import os
 import pytest
 
 
+def clean_env() -> dict[str, str]:
+    """This environment without spark-submit's gateway or --verbose: the child starts its own quiet JVM."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYSPARK_GATEWAY_PORT", "SPARKVISION_VERBOSE")}
+
+
+def run_python(code: str, timeout: int):
+    """`code` in a new interpreter with its own Spark, output captured."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(),
+                          timeout=timeout)
+
+
 def test_executors_get_legacy_keras_and_arrow(spark):
     def env(_):
         import os as o
@@ -21,8 +35,6 @@ def test_a_session_started_from_python_prints_nothing_and_keeps_the_users_driver
     """Quiet by default: starting the JVM from Python (the CLI's case) writes nothing to stderr; the quiet logging
     option goes beside the configured driver JVM options (spark.driver_java_options, spark.extra_conf), not instead
     of them."""
-    import subprocess
-    import sys
 
     own = ['spark.extra_conf={"spark.driver.extraJavaOptions": "-Dsparkvision.probe=kept"}',
            "spark.driver_java_options=-Dsparkvision.own=too"]
@@ -30,8 +42,7 @@ def test_a_session_started_from_python_prints_nothing_and_keeps_the_users_driver
             f"s = get_spark(load_config([], ['spark.master=local[1]', 'paths.datasets_root={tmp_path}/d', *{own!r}])); "
             "prop = s.sparkContext._jvm.java.lang.System.getProperty; "
             "print(s.range(5).count(), prop('sparkvision.probe'), prop('sparkvision.own')); s.stop()")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_GATEWAY_PORT", "SPARKVISION_VERBOSE")}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    res = run_python(code, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "5 kept too"
     assert res.stderr.strip() == "", res.stderr[-2000:]
@@ -79,8 +90,6 @@ def test_a_local_workers_gc_pass_after_each_task_skips_what_its_first_task_left(
 
 def test_a_crashed_python_worker_is_still_reported_and_named_in_the_error(tmp_path):
     """The log4j filter hides the executor's after-stop lines only; a worker that dies while Spark runs is shown."""
-    import subprocess
-    import sys
 
     code = ("import os; from pipelines.config import load_config; from pipelines.spark import get_spark; "
             "from pipelines.errors import first_line\n"
@@ -89,8 +98,7 @@ def test_a_crashed_python_worker_is_still_reported_and_named_in_the_error(tmp_pa
             "try:\n    s.sparkContext.parallelize(range(2), 1).mapPartitions(die).collect()\n"
             "except Exception as exc:\n    print(first_line(exc))\n"
             "s.stop()")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_GATEWAY_PORT", "SPARKVISION_VERBOSE")}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    res = run_python(code, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Job aborted due to stage failure" in res.stdout and "Python worker exited unexpectedly" in res.stdout
     assert "ERROR Executor: Exception in task 0.0 in stage 0.0 (TID 0)\n" in res.stderr
@@ -120,7 +128,7 @@ def test_ctrl_c_during_a_spark_job_stops_quietly_and_promptly(tmp_path, to):
             "        stopped = Stopped(stop_requested())\n"
             "        print(stopped, file=sys.stderr)\n"
             "        sys.exit(stopped.exit_code)\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_GATEWAY_PORT", "SPARKVISION_VERBOSE")}
+    env = clean_env()
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
     assert proc.stdout.readline().strip() == "running"
@@ -139,8 +147,6 @@ def test_ctrl_c_during_a_spark_job_stops_quietly_and_promptly(tmp_path, to):
 def test_a_job_submitted_after_the_stop_signal_is_cancelled_too(tmp_path):
     """A signal that arrives while the driver is still planning a job finds nothing to cancel: the job then ran to its
     end (a loaded CI machine hung here). Cancelling goes on until the SparkContext stops, then ends."""
-    import subprocess
-    import sys
 
     code = ("import threading, time\n"
             "from pipelines.config import load_config\n"
@@ -159,8 +165,7 @@ def test_a_job_submitted_after_the_stop_signal_is_cancelled_too(tmp_path):
             "spark.stop()\n"
             "canceller.join(5)\n"
             "print('canceller alive:', canceller.is_alive())\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_GATEWAY_PORT", "SPARKVISION_VERBOSE")}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    res = run_python(code, timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     outcome, took = res.stdout.splitlines()[0].rsplit(" ", 1)
     assert outcome == "cancelled" and int(took) < 60, res.stdout

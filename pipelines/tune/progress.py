@@ -8,8 +8,8 @@ import time
 from typing import Any, Callable, Iterator
 
 from pipelines.console import say
-from pipelines.signals import on_stop, signal_name, stop_requested
-from pipelines.spark import cancel_jobs_until_stopped
+from pipelines.signals import signal_name, stop_requested
+from pipelines.spark import cancel_jobs_on_stop
 
 TERMINAL = ("FINISHED", "KILLED", "FAILED")
 
@@ -68,7 +68,7 @@ def watching_children(spark: Any, client: Any, exp_id: str, parent_id: str, stag
     jobs at once, and no child is left RUNNING after it."""
     printer = ChildRunPrinter(client, exp_id, parent_id, stage, line, earlier)
     printer.start()
-    on_stop(stage, lambda: cancel_jobs_until_stopped(spark))
+    cancel_jobs_on_stop(spark)
     try:
         yield printer
     except BaseException:
