@@ -51,16 +51,16 @@ def test_a_session_started_from_python_prints_nothing_and_keeps_the_users_driver
     assert res.stderr.strip() == "", res.stderr[-2000:]
 
 
-def test_the_local_overlays_jvm_runs_with_its_compiler_options():
+def test_the_local_overlays_jvm_runs_with_its_compiler_options(tmp_path):
     """conf/local.yaml's driver JVM options reach the local[N] JVM (a misspelt HotSpot flag would stop it starting;
     a dropped one would leave the defaults)."""
     code = ("from pipelines.config import load_config; from pipelines.spark import get_spark; "
-            f"s = get_spark(load_config([{str(ROOT / 'conf/local.yaml')!r}], [])); "
+            f"s = get_spark(load_config([{str(ROOT / 'conf/local.yaml')!r}], ['paths.datasets_root={tmp_path}/d'])); "
             "jvm = s.sparkContext._jvm; "
             "bean = jvm.java.lang.management.ManagementFactory.getPlatformMXBean("
             "jvm.java.lang.Class.forName('com.sun.management.HotSpotDiagnosticMXBean')); "
-            "print(*(bean.getVMOption(f'Tier4{k}Threshold').getValue() for k in ('Invocation', 'Compile', 'BackEdge')));"
-            " s.stop()")
+            "print(*(bean.getVMOption(f'Tier4{k}Threshold').getValue() "
+            "for k in ('Invocation', 'Compile', 'BackEdge'))); s.stop()")
     res = run_python(code, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == ["50000", "60000", "400000"]
