@@ -125,14 +125,30 @@ def ingest_config(photos, name: str, size: int):
         f"ingest.image.width={size}", "ingest.image.channels=3", "ingest.split.test=0.1"])
 
 
-def ingest_seconds(spark, cfg) -> float:
-    """Seconds of one whole ingest job, from nothing published."""
+def ingest_run(spark, cfg) -> tuple[float, dict[str, float]]:
+    """Seconds of one whole ingest job, from nothing published, and the seconds of each of its steps."""
     from pipelines.ingest.job import run_ingest
 
     shutil.rmtree(BENCH_DIR / "datasets" / cfg.ingest.name, ignore_errors=True)
     t0 = time.perf_counter()
-    run_ingest(spark, cfg)
-    return time.perf_counter() - t0
+    out = run_ingest(spark, cfg)
+    return time.perf_counter() - t0, out["step_seconds"]
+
+
+def ingest_seconds(spark, cfg) -> float:
+    """Seconds of one whole ingest job, from nothing published."""
+    return ingest_run(spark, cfg)[0]
+
+
+def fixed_by_step(steps: dict[int, list[dict[str, float]]]) -> dict[str, float]:
+    """Each step's fixed cost, from its median seconds at the two smallest photo counts: its time at the smallest less
+    what that many photos cost at its rate between the two."""
+    (a, at_a), (b, at_b) = sorted(steps.items())[:2]
+    fixed = {}
+    for name in at_a[0]:
+        ta, tb = median(r[name] for r in at_a), median(r[name] for r in at_b)
+        fixed[name] = ta - a * (tb - ta) / (b - a)
+    return fixed
 
 
 def compare(spark, n: int, size: int, repeats: int) -> None:
@@ -180,13 +196,18 @@ def scaling(spark, sizes: list[int], width: int, size: int, repeats: int) -> Non
     folders = {n: first_photos(every, BENCH_DIR / f"photos_{width}_first_{n}", n) for n in sizes}
     read_into_page_cache(every)
     took: dict[int, list[float]] = {n: [] for n in sizes}
+    steps: dict[int, list[dict[str, float]]] = {n: [] for n in sizes}
     for _ in range(repeats):  # sizes interleaved: a VM drifts within minutes; size after size would charge it to one
         for n in sizes:
-            took[n].append(ingest_seconds(spark, ingest_config(folders[n], "bench_scaling", size)))
+            seconds, by_step = ingest_run(spark, ingest_config(folders[n], "bench_scaling", size))
+            took[n].append(seconds)
+            steps[n].append(by_step)
     for n in sizes:
         print(f"  ingest of {n:>7} photos {width}x{width * 3 // 4}: {median(took[n]):6.1f}s, "
-              f"{1000 * median(took[n]) / n:.2f} s per 1,000 (runs {', '.join(f'{t:.1f}' for t in took[n])})",
-              flush=True)
+              f"{1000 * median(took[n]) / n:.2f} s per 1,000 (runs {', '.join(f'{t:.1f}' for t in took[n])}); "
+              "steps " + ", ".join(f"{k} {median(r[k] for r in steps[n]):.2f}" for k in steps[n][0]), flush=True)
+    fixed_steps = ", ".join(f"{k} {v:.1f}" for k, v in fixed_by_step(steps).items())
+    print(f"  fixed cost of a job by step, s: {fixed_steps}", flush=True)
     per_k = {n: [1000 * t / n for t in took[n]] for n in sizes}
     medians = [median(per_k[n]) for n in sizes]
     between = [f"{a:,}-{b:,}" for a, b in zip(sizes, sizes[1:])]
@@ -201,7 +222,8 @@ def scaling(spark, sizes: list[int], width: int, size: int, repeats: int) -> Non
            f"{between[-1]}", further[0], further[-1], "s per 1,000 photos", None, ratio_of="first / last",
            lower_is_better=True, within=1.2,
            note=f"linear: within 20%; fixed cost of a job about {fixed:.1f} s, the {sizes[0]:,}-photo job less "
-                f"{sizes[0]:,} times the further cost")
+                f"{sizes[0]:,} times the further cost; by step, from the medians at {sizes[0]:,} and {sizes[1]:,}: "
+                f"{fixed_steps} s")
 
 
 def main() -> None:

@@ -59,11 +59,12 @@ def say(stage: str, message: str) -> None:
 
 @contextlib.contextmanager
 def step(stage: str, what: str) -> Iterator[dict[str, Any]]:
-    """Time a step and print `[stage] what ... (12.3s)`; the yielded dict's 'note' is appended."""
+    """Time a step and print `[stage] what ... (12.3s)`; the yielded dict's 'note' is appended, and its 'seconds'
+    holds the step's time once the step has ended."""
     info: dict[str, Any] = {}
     start = time.perf_counter()
     yield info
-    took = time.perf_counter() - start
+    took = info["seconds"] = time.perf_counter() - start
     note = f": {info['note']}" if info.get("note") else ""
     say(stage, f"{what}{note} ({took:.1f}s)")
 

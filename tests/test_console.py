@@ -1,7 +1,10 @@
-"""The console's quiet mode: what a user sees on stderr when libraries log."""
+"""The console: quiet mode when libraries log, and the one line a step prints."""
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from pipelines.console import step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,3 +39,12 @@ def test_quiet_mode_drops_py4j_records_on_the_root_logger_and_keeps_the_rest(tmp
 def test_verbose_mode_shows_py4j_records(tmp_path):
     err = _stderr(tmp_path, verbose=True)
     assert "Exception while sending command" in err and "dying JVM" in err
+
+
+def test_a_step_prints_its_line_and_leaves_its_seconds_in_the_dict_it_yielded(capsys):
+    with step("ingest", "waiting") as info:
+        info["note"] = "a note"
+        time.sleep(0.2)
+        assert "seconds" not in info
+    assert 0.2 <= info["seconds"] < 5
+    assert capsys.readouterr().err == f"[ingest] waiting: a note ({info['seconds']:.1f}s)\n"

@@ -5,7 +5,7 @@ import functools
 import hashlib
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -74,6 +74,18 @@ def content_digest(summaries: list[SplitSummary], spec: ImageSpec, label_names: 
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+@dataclass
+class JobClock:
+    """When the job started, and the seconds of each of its steps that has ended (the result's `step_seconds`: where
+    a job's time goes, its fixed part included)."""
+    started: float = field(default_factory=time.perf_counter)
+    steps: dict[str, float] = field(default_factory=dict)
+
+    def ended(self, name: str, info: dict[str, Any]) -> None:
+        """Record a step that `console.step` timed (`info`: the dict it yielded)."""
+        self.steps[name] = round(info["seconds"], 2)
+
+
 def run_ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     """Read the configured source, validate and normalize on the executors, publish a new dataset version."""
     files = cfg.ingest.source.type != "idx"
@@ -83,20 +95,21 @@ def run_ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
 
 
 def _ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
-    started = time.perf_counter()
+    clock = JobClock()
     spec = image_spec(cfg)
     ic = cfg.ingest
     check_writable(dataset_root(cfg.paths.datasets_root, ic.name), "paths.datasets_root")
     with step("ingest", f"listing {ic.source.type} source {ic.source.path}") as s:
         cand = read_source(spark, cfg)
         s["note"] = f"skipped {sum(cand.skipped.values())} non-image files" if cand.skipped else ""
+    clock.ended("listing", s)
 
     allowed = ic.source.label_names if ic.source.type != "idx" else None
     staging = Staging(cfg.paths.datasets_root, ic.name)
     if staging.removed_stale:
         say("ingest", f"removed {staging.removed_stale} staging folder(s) left by a killed ingest of {ic.name}")
     try:
-        return _decode_and_publish(spark, cfg, cand, spec, allowed, staging, started)
+        return _decode_and_publish(spark, cfg, cand, spec, allowed, staging, clock)
     except BaseException:
         staging.discard()
         raise
@@ -129,7 +142,7 @@ class Splits:
 
 
 def _decode_and_publish(spark: SparkSession, cfg: Config, cand: sources.Candidates, spec: ImageSpec,
-                        allowed: list[str] | None, staging: Staging, started: float) -> dict[str, Any]:
+                        allowed: list[str] | None, staging: Staging, clock: JobClock) -> dict[str, Any]:
     ic = cfg.ingest
     with step("ingest", "decoding and validating on the executors") as s, \
             spark_task_progress(spark, "ingest", "decoding"):
@@ -150,29 +163,33 @@ def _decode_and_publish(spark: SparkSession, cfg: Config, cand: sources.Candidat
             reasons = {r["reason"]: r["count"] for r in decoded.groupBy("reason").count().collect()}
             raise PipelineError(f"no valid image among the {seen} files in {ic.source.path} (quarantine reasons: {reasons})")
         s["note"] = f"{seen} images seen, {n_unique} unique and valid"
+    clock.ended("decoding", s)
     with step("ingest", "splitting, balancing and computing statistics") as s:
         sp = split_and_measure(dd.unique.withColumn("id", prepare.row_id()), plan, kept, ic, spec, allowed)
         say("ingest", labels_found(sp.per_class, sp.label_names))
         s["note"] = "mean " + ", ".join(f"{m:.4f}" for m in sp.mean) + " std " + ", ".join(f"{v:.4f}" for v in sp.std)
-    with step("ingest", f"writing Parquet to {staging.path.parent}"):
+    clock.ended("splitting", s)
+    with step("ingest", f"writing Parquet to {staging.path.parent}") as s:
         quarantine = decoded.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS).unionByName(
             dd.conflicts.select(*QUARANTINE_COLUMNS))
         write_version(staging, sp, quarantine, dd.duplicates, ic, spec, kept_all=seen == n_unique)
+    clock.ended("writing", s)
     with step("ingest", "verifying the staged version") as s:
         manifest = verify_and_describe(spark, cfg, staging, spec, seen, cand, sp)
         s["note"] = (f"{manifest['counts']['rows']} rows + {manifest['counts']['quarantined']} quarantined + "
                      f"{manifest['counts']['duplicates_dropped']} duplicates = {seen} seen")
+    clock.ended("verifying", s)
     version, unchanged = staging.publish_unless_same(manifest)
 
     path = dataset_root(cfg.paths.datasets_root, ic.name) / version
-    took = time.perf_counter() - started
+    took = time.perf_counter() - clock.started
     counts = manifest["counts"]
     say("ingest", f"{'unchanged, still' if unchanged else 'published'} {ic.name}/{version} at {path} "
                   f"(train {counts['splits']['train']}, validation {counts['splits']['validation']}, "
                   f"test {counts['splits']['test']}, quarantined {counts['quarantined']}) in {took:.1f}s")
     return {"stage": "ingest", "dataset": f"{ic.name}/{version}", "name": ic.name, "version": version,
             "path": str(path), "unchanged": unchanged, "content_digest": manifest["content_digest"],
-            "counts": counts, "seconds": round(took, 1)}
+            "counts": counts, "seconds": round(took, 1), "step_seconds": clock.steps}
 
 
 def split_and_measure(unique: DataFrame, plan: prepare.SplitPlan, kept: F.Column | None, ic: IngestConfig,

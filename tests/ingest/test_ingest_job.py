@@ -43,6 +43,11 @@ def test_folder_ingest_accounts_for_every_file(spark, cfg_factory, tree, capsys)
     for reason in ("label_conflict", "empty_file", "truncated", "not_an_image", "too_many_pixels", "unknown_label"):
         assert counts["quarantine_reasons"].get(reason) == expected[reason], reason
     assert counts["skipped"] == {"hidden": expected["hidden"], "not_image_extension": expected["not_image_extension"]}
+    # where the job's time went, step by step: every step timed, together no more than the whole job
+    steps = out["step_seconds"]
+    assert list(steps) == ["listing", "decoding", "splitting", "writing", "verifying"]
+    assert all(t >= 0 for t in steps.values()) and steps["decoding"] > 0
+    assert sum(steps.values()) <= out["seconds"] + 0.1
 
     # the scratch copy every candidate was decoded into is not published with the version
     assert sorted(p.name for p in Path(out["path"]).iterdir()) == sorted(
